@@ -1,0 +1,459 @@
+"""`DrMADModel`: a Keras model that trains by momentum SGD and can return
+the hypergradient of its last training run."""
+
+import dataclasses
+import sys
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from drmad_keras import checks
+from drmad_keras import reverse
+from drmad_keras.optimizers import MomentumSGD
+from drmad_keras.regularizer import HyperRegularizer
+
+
+@dataclasses.dataclass
+class Run:
+    """What a `fit` keeps for the meta-backward: constant in `T` unless a
+    trajectory was asked for.
+
+    Attributes:
+        theta_0: list of tensors. Parameters at the start of the run.
+        theta_T: list of tensors. Parameters at the end.
+        log_l2: list of tensors. The hyperparameters the run trained with.
+        x: tensor. ESet inputs (a reference, not a copy).
+        y: tensor. ESet labels.
+        batch_size: int.
+        steps: int. `T`.
+        seed: int. Regenerates the batch order.
+        alpha: float.
+        gamma: float.
+        losses: NumPy array. Training loss of every elementary step.
+        trajectory: list of tensors `(T, ...)` or None.
+    """
+
+    theta_0: list
+    theta_T: list
+    log_l2: list
+    x: tf.Tensor
+    y: tf.Tensor
+    batch_size: int
+    steps: int
+    seed: int
+    alpha: float
+    gamma: float
+    losses: np.ndarray
+    trajectory: list = None
+
+    def batch_order(self):
+        """The `(T, batch_size)` index array of the run, regenerated."""
+        return reverse.batch_order(
+            len(self.x), self.batch_size, self.steps, self.seed
+        )
+
+    def held_bytes(self):
+        """Bytes of parameter copies this record holds (not the data)."""
+        tensors = self.theta_0 + self.theta_T + (self.trajectory or [])
+        return sum(int(np.prod(t.shape)) * t.dtype.size for t in tensors)
+
+
+@dataclasses.dataclass
+class Hypergradient:
+    """The result of `DrMADModel.hypergradient`.
+
+    Attributes:
+        grads: dict from hyperparameter name to a NumPy array, the
+            derivative of the HSet loss with respect to that `log_l2`.
+        hset_loss: float. The HSet loss at `theta_T`.
+        method: str.
+        curvature: str.
+        reverse_steps: int.
+        growth: float. Largest norm ratio of the reverse pass's `d_theta`.
+    """
+
+    grads: dict
+    hset_loss: float
+    method: str
+    curvature: str
+    reverse_steps: int
+    growth: float
+
+
+def _mean_loss(loss):
+    fn = keras.losses.get(loss)
+    if fn is None:
+        raise ValueError(
+            "DrMADModel.compile needs a loss, for example "
+            "keras.losses.SparseCategoricalCrossentropy(from_logits=True)."
+        )
+
+    def data_loss(y, z):
+        return keras.ops.mean(fn(y, z))
+
+    return data_loss
+
+
+class _Progress:
+    """A Keras progress bar over one pass, or nothing when quiet."""
+
+    def __init__(self, total, title, verbose):
+        self.bar = None
+        if verbose:
+            print(title)
+            self.bar = keras.utils.Progbar(total, verbose=verbose)
+
+    def __call__(self, done):
+        if self.bar is not None:
+            self.bar.update(done)
+
+
+def resolve_verbose(verbose):
+    """Maps Keras' `"auto"` to 1 on a terminal and 0 otherwise."""
+    if verbose == "auto":
+        return 1 if sys.stdout.isatty() else 0
+    return int(verbose)
+
+
+class DrMADModel(keras.Model):
+    """A `keras.Model` whose training run can be differentiated.
+
+    Use it as a functional model (`DrMADModel(inputs, outputs)`) or subclass
+    it. Wrap each layer whose L2 strength is to be tuned in a
+    `HyperRegularizer`, compile with a `MomentumSGD`, then:
+
+        model.fit(x_eset, y_eset, batch_size=50, steps=1000, seed=0)
+        result = model.hypergradient(x_hset, y_hset)
+        result.grads  # {"log_l2_dense": array(...), ...}
+
+    `fit` runs all elementary steps inside compiled loops and keeps only
+    `theta_0`, `theta_T` and the seed of the batch order (`last_run`).
+    `train_step` makes one elementary step with the same dynamics, so that
+    `train_on_batch` and Keras' own `fit` loop agree with it.
+
+    The model must be stateless apart from its weights: layers with
+    non-trainable state (batch-normalization statistics, dropout seeds) are
+    not supported.
+    """
+
+    last_run = None
+    _data_loss = None
+    _xla = False
+
+    def compile(self, optimizer=None, loss=None, metrics=None,
+                jit_compile=False, **kwargs):
+        """Configures the model for DrMAD training.
+
+        Args:
+            optimizer: `MomentumSGD`. Gives `alpha` and `gamma`.
+            loss: str or `keras.losses.Loss`. The data loss, mean over the
+                batch. For `curvature="gauss_newton"` it must be convex in
+                the outputs: use logits and `from_logits=True`.
+            metrics: Passed to `keras.Model.compile`.
+            jit_compile: bool, default False. Compile the elementary steps
+                and the reverse pass with XLA.
+            **kwargs: Passed to `keras.Model.compile`.
+
+        Raises:
+            TypeError: If `optimizer` is not a `MomentumSGD`.
+            ValueError: If `loss` is missing.
+        """
+        if not isinstance(optimizer, MomentumSGD):
+            raise TypeError(
+                "DrMADModel.compile needs optimizer=drmad_keras.MomentumSGD("
+                f"alpha, gamma); got {type(optimizer).__name__}."
+            )
+        self._data_loss = _mean_loss(loss)
+        super().compile(
+            optimizer=optimizer, loss=loss, metrics=metrics,
+            jit_compile=jit_compile, **kwargs,
+        )
+        self._xla = jit_compile is True
+
+    # Structure ---------------------------------------------------------------
+
+    @property
+    def hyper_regularizers(self):
+        """list of `HyperRegularizer`: every one in the model, in order."""
+        return [
+            layer for layer in self._flatten_layers(include_self=False)
+            if isinstance(layer, HyperRegularizer)
+        ]
+
+    @property
+    def hyperparameter_names(self):
+        """list of str: the names of the `log_l2` hyperparameters."""
+        return [reg.hp_name for reg in self.hyper_regularizers]
+
+    def get_log_l2(self):
+        """Returns a dict from hyperparameter name to its `log_l2` array."""
+        return {
+            reg.hp_name: np.array(reg.log_l2.numpy())
+            for reg in self.hyper_regularizers
+        }
+
+    def set_log_l2(self, values):
+        """Sets `log_l2` from a dict of hyperparameter name to value.
+
+        Raises:
+            KeyError: For a name the model does not have.
+            ValueError: For a value of the wrong shape or not finite.
+        """
+        regs = {reg.hp_name: reg for reg in self.hyper_regularizers}
+        for name, value in values.items():
+            if name not in regs:
+                raise KeyError(
+                    f"no hyperparameter {name!r}; the model has "
+                    f"{sorted(regs)}."
+                )
+            var = regs[name].log_l2
+            value = np.broadcast_to(
+                np.asarray(value, dtype=var.dtype), var.shape
+            )
+            if not np.all(np.isfinite(value)):
+                raise ValueError(f"{name} must be finite; got {value}.")
+            var.assign(value)
+
+    def _check_ready(self, x):
+        if not self.built:
+            self(x[:1])
+        if getattr(self, "_data_loss", None) is None:
+            raise ValueError(
+                "compile the model with drmad_keras.MomentumSGD and a loss "
+                "before fit()."
+            )
+        regs = self.hyper_regularizers
+        if not regs:
+            raise ValueError(
+                "DrMADModel has no HyperRegularizer layer, so there is no "
+                "hyperparameter to differentiate; wrap at least one layer "
+                "with a kernel in drmad_keras.HyperRegularizer."
+            )
+        hyper_ids = {id(reg.log_l2) for reg in regs}
+        others = [
+            v.path for v in self.non_trainable_variables
+            if id(v) not in hyper_ids
+        ]
+        if others:
+            raise NotImplementedError(
+                "DrMADModel supports models whose only state is their "
+                "weights; these non-trainable variables are not supported: "
+                f"{others}."
+            )
+
+    def objective(self):
+        """The `Objective` of this model for the functional passes."""
+        regs = self.hyper_regularizers
+        positions = {id(v): i for i, v in enumerate(self.trainable_variables)}
+        kernel_at = [positions[id(reg.kernel)] for reg in regs]
+        non_trainable = list(self.non_trainable_variables)
+
+        def output_fn(theta, x):
+            outputs, _ = self.stateless_call(
+                theta, non_trainable, x, training=True
+            )
+            return outputs
+
+        def penalty_fn(theta, log_l2):
+            return tf.add_n([
+                reg.penalty(theta[k], lam)
+                for reg, k, lam in zip(regs, kernel_at, log_l2)
+            ])
+
+        return reverse.Objective(output_fn, self._data_loss, penalty_fn)
+
+    # Meta-forward ------------------------------------------------------------
+
+    def train_step(self, data):
+        """One elementary step on one batch, through the optimizer."""
+        x, y = data[0], data[1]
+        regs = self.hyper_regularizers
+        theta = [v.value for v in self.trainable_variables]
+        log_l2 = [reg.log_l2.value for reg in regs]
+        loss, grads = reverse.gradient(
+            self._objective, theta, log_l2, x, y
+        )
+        self.optimizer.apply(grads, self.trainable_variables)
+        return {"loss": loss}
+
+    def make_train_function(self, force=False):
+        self._objective = self.objective()
+        return super().make_train_function(force)
+
+    def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto",
+            callbacks=None, steps=None, seed=0, record_trajectory=False,
+            **kwargs):
+        """Trains by `T` elementary steps and records the run.
+
+        Args:
+            x: array. ESet inputs, held in memory.
+            y: array. ESet labels.
+            batch_size: int, default 32. Examples per elementary step.
+            epochs: int, default 1. Passes over ESet when `steps` is None.
+            verbose: `"auto"`, 0 or 1. Progress bar.
+            callbacks: list of `keras.callbacks.Callback`. Get `on_train_begin`
+                and `on_train_end` (the steps run in compiled chunks).
+            steps: int or None. `T`; by default `epochs` passes.
+            seed: int, default 0. Seed of the batch order.
+            record_trajectory: bool, default False. Keep every `theta_t`
+                for `hypergradient(method="exact")`; memory grows with `T`.
+            **kwargs: Not supported; named in the error.
+
+        Returns:
+            A `keras.callbacks.History` with the mean training loss of
+            each chunk of steps under `"loss"`.
+
+        Raises:
+            TypeError: For unsupported arguments.
+            ValueError: For bad sizes or data.
+            reverse.DivergenceError: If training diverges; `last_run` is
+                then None and the weights are left at `theta_0`.
+        """
+        if kwargs:
+            raise TypeError(
+                "DrMADModel.fit trains on arrays in memory and does not "
+                f"take {sorted(kwargs)}."
+            )
+        x, y = self._as_tensors(x, y)
+        batch_size = checks.positive_int(
+            "batch_size", 32 if batch_size is None else batch_size
+        )
+        if batch_size > len(x):
+            raise ValueError(
+                f"batch_size {batch_size} is larger than the "
+                f"{len(x)} training examples."
+            )
+        if steps is None:
+            steps = checks.positive_int("epochs", epochs) * (
+                len(x) // batch_size
+            )
+        steps = checks.positive_int("steps", steps)
+        self._check_ready(x)
+        verbose = resolve_verbose(verbose)
+
+        regs = self.hyper_regularizers
+        log_l2 = [tf.convert_to_tensor(reg.log_l2.value) for reg in regs]
+        theta_0 = [tf.identity(v.value) for v in self.trainable_variables]
+        index = reverse.batch_order(len(x), batch_size, steps, seed)
+        alpha, gamma = self.optimizer.alpha, self.optimizer.gamma
+
+        history = keras.callbacks.History()
+        cbs = keras.callbacks.CallbackList(
+            callbacks, add_history=False, model=self
+        )
+        history.set_model(self)
+        cbs.on_train_begin()
+        self.last_run = None
+        theta_T, losses, trajectory = reverse.meta_forward(
+            self.objective(), theta_0, log_l2, x, y, index, alpha, gamma,
+            record_trajectory=record_trajectory, jit_compile=self._xla,
+            progress=_Progress(steps, "meta-forward", verbose),
+        )
+        for var, value in zip(self.trainable_variables, theta_T):
+            var.assign(value)
+        self.last_run = Run(
+            theta_0=theta_0, theta_T=theta_T, log_l2=log_l2, x=x, y=y,
+            batch_size=batch_size, steps=steps, seed=seed, alpha=alpha,
+            gamma=gamma, losses=losses, trajectory=trajectory,
+        )
+        chunk = reverse.CHUNK_STEPS
+        history.history["loss"] = [
+            float(np.mean(losses[i:i + chunk]))
+            for i in range(0, steps, chunk)
+        ]
+        cbs.on_train_end({"loss": float(losses[-1])})
+        return history
+
+    def _as_tensors(self, x, y):
+        if x is None or y is None:
+            raise ValueError("fit and hypergradient need both x and y.")
+        x = tf.convert_to_tensor(np.asarray(x), dtype=self.compute_dtype)
+        y = tf.convert_to_tensor(np.asarray(y))
+        if len(x) != len(y):
+            raise ValueError(
+                f"x has {len(x)} examples but y has {len(y)}."
+            )
+        if len(x) == 0:
+            raise ValueError("x is empty.")
+        if not bool(tf.reduce_all(tf.math.is_finite(x))):
+            raise ValueError("x holds non-finite values (NaN or inf).")
+        return x, y
+
+    # Meta-backward -----------------------------------------------------------
+
+    def hypergradient(self, x_hyper, y_hyper, method="drmad",
+                      curvature=None, reverse_steps=None, max_growth=1e6,
+                      verbose="auto"):
+        """Derivative of the HSet loss of the last `fit` in every `log_l2`.
+
+        Args:
+            x_hyper: array. HSet inputs.
+            y_hyper: array. HSet labels.
+            method: str, default `"drmad"`. `"drmad"` (straight line, memory
+                constant in `T`) or `"exact"` (stored trajectory; needs
+                `fit(..., record_trajectory=True)`).
+            curvature: str or None. `"gauss_newton"` (the default for
+                `drmad`) or `"hessian"` (the default for `exact`).
+            reverse_steps: int or None. Walk back over only the last this
+                many steps of the run; None means all of them.
+            max_growth: float, default 1e6. See `reverse.meta_backward`.
+            verbose: `"auto"`, 0 or 1. Progress bar.
+
+        Returns:
+            A `Hypergradient`.
+
+        Raises:
+            ValueError: Before any `fit`, or for bad arguments.
+            reverse.DivergenceError: If the reverse pass diverges.
+        """
+        run = self.last_run
+        if run is None:
+            raise ValueError(
+                "hypergradient() needs a finished fit() of this model to "
+                "differentiate; call fit() first."
+            )
+        checks.one_of("method", method, reverse.METHODS)
+        if curvature is None:
+            curvature = "gauss_newton" if method == "drmad" else "hessian"
+        checks.one_of("curvature", curvature, reverse.CURVATURES)
+        if reverse_steps is not None:
+            reverse_steps = checks.positive_int("reverse_steps", reverse_steps)
+        x_hyper, y_hyper = self._as_tensors(x_hyper, y_hyper)
+        verbose = resolve_verbose(verbose)
+
+        objective = self.objective()
+        hset_loss, d_theta = reverse.hset_gradient(
+            objective, run.theta_T, x_hyper, y_hyper
+        )
+        if not np.isfinite(float(hset_loss)):
+            raise reverse.DivergenceError(
+                f"the HSet loss at theta_T is {float(hset_loss)}.",
+                phase="meta-backward",
+            )
+        total = reverse_steps or run.steps
+        d_log_l2, growth = reverse.meta_backward(
+            objective, run.theta_0, run.theta_T, run.log_l2, run.x, run.y,
+            run.batch_order(), run.alpha, run.gamma, d_theta,
+            method=method, curvature=curvature, reverse_steps=reverse_steps,
+            trajectory=run.trajectory, max_growth=max_growth,
+            jit_compile=self._xla,
+            progress=_Progress(total, "meta-backward", verbose),
+        )
+        return Hypergradient(
+            grads=dict(zip(self.hyperparameter_names, d_log_l2)),
+            hset_loss=float(hset_loss),
+            method=method,
+            curvature=curvature,
+            reverse_steps=total,
+            growth=growth,
+        )
+
+    def evaluate_split(self, x, y):
+        """Returns `(mean loss, error rate)` of the data loss on a split."""
+        x, y = self._as_tensors(x, y)
+        outputs = self.predict_on_batch(x)
+        loss = float(self._data_loss(y, outputs))
+        predicted = np.argmax(np.asarray(outputs), axis=-1)
+        error = float(np.mean(predicted != np.asarray(y).reshape(-1)))
+        return loss, error
