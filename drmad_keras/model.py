@@ -7,6 +7,7 @@ import sys
 import keras
 import numpy as np
 import tensorflow as tf
+from keras.src.models.functional import Functional
 
 from drmad_keras import checks
 from drmad_keras import reverse
@@ -90,7 +91,7 @@ def _mean_loss(loss):
         )
 
     def data_loss(y, z):
-        return keras.ops.mean(fn(y, z))
+        return keras.ops.cast(keras.ops.mean(fn(y, z)), z.dtype)
 
     return data_loss
 
@@ -116,6 +117,7 @@ def resolve_verbose(verbose):
     return int(verbose)
 
 
+@keras.saving.register_keras_serializable(package="drmad_keras")
 class DrMADModel(keras.Model):
     """A `keras.Model` whose training run can be differentiated.
 
@@ -138,6 +140,17 @@ class DrMADModel(keras.Model):
     """
 
     last_run = None
+
+    def __new__(cls, *args, **kwargs):
+        # Functional use gets a class of its own that already derives from
+        # Keras' Functional, so that Keras never rewrites DrMADModel's bases
+        # and subclassing DrMADModel keeps working in the same process.
+        if cls is DrMADModel and (
+            len(args) >= 2 or ("inputs" in kwargs and "outputs" in kwargs)
+            or (len(args) == 1 and "outputs" in kwargs)
+        ):
+            cls = FunctionalDrMADModel
+        return super().__new__(cls, *args, **kwargs)
     _data_loss = None
     _xla = False
 
@@ -170,6 +183,13 @@ class DrMADModel(keras.Model):
             jit_compile=jit_compile, **kwargs,
         )
         self._xla = jit_compile is True
+
+    def compile_from_config(self, config):
+        """Compiles from `get_compile_config()`, as `load_model` does."""
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
 
     # Structure ---------------------------------------------------------------
 
@@ -250,9 +270,7 @@ class DrMADModel(keras.Model):
         non_trainable = list(self.non_trainable_variables)
 
         def output_fn(theta, x):
-            outputs, _ = self.stateless_call(
-                theta, non_trainable, x, training=True
-            )
+            outputs, _ = self.stateless_call(theta, non_trainable, x)
             return outputs
 
         def penalty_fn(theta, log_l2):
@@ -457,3 +475,8 @@ class DrMADModel(keras.Model):
         predicted = np.argmax(np.asarray(outputs), axis=-1)
         error = float(np.mean(predicted != np.asarray(y).reshape(-1)))
         return loss, error
+
+
+@keras.saving.register_keras_serializable(package="drmad_keras")
+class FunctionalDrMADModel(DrMADModel, Functional):
+    """What `DrMADModel(inputs, outputs)` builds: a functional DrMADModel."""
