@@ -1,0 +1,455 @@
+"""`DrMADTuner` and its oracle: one keras-tuner trial is one episode.
+
+An episode trains a model with fixed `log_l2` on ESet (meta-forward), takes
+the hypergradient of the HSet loss (meta-backward), makes one meta step on
+`log_l2`, and reports VSet metrics as the objective. The next trial starts
+from the `log_l2` that the last finished trial ended with, so the trials form
+a chain.
+
+Defaults, as DESIGN.md asks them stated: `theta_0` is the same in every
+episode (the model is built from the same seed; `redraw_init=True` changes
+the seed each episode), and the ESet batch order is the same in every
+episode (`reshuffle=True` changes it).
+"""
+
+import json
+import os
+import time
+
+import keras
+import keras_tuner
+import numpy as np
+from absl import logging
+
+from drmad_keras import checks
+from drmad_keras import reverse
+from drmad_keras.model import DrMADModel
+from drmad_keras.model import resolve_verbose
+
+META_OPTIMIZERS = ("adam", "sign_sgd")
+NEXT_PREFIX = "next_"
+EPISODE_FILE = "episode.npz"
+
+
+def _atomic_write(path, write):
+    """Calls `write(tmp_path)`, then moves the file into place."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_episode(path, arrays):
+    """Saves a dict of named arrays to `path` atomically."""
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _atomic_write(path, write)
+
+
+def load_episode(path):
+    """Loads what `save_episode` wrote, as a dict of arrays."""
+    with np.load(path) as data:
+        return {name: data[name] for name in data.files}
+
+
+class MetaOptimizer:
+    """The meta step on `log_l2`: Adam (default) or sign-SGD, then a clip.
+
+    State is a dict of NumPy arrays, so that it can be saved with the
+    episode and restored with it.
+
+    Args:
+        name: str, default `"adam"`. `"adam"` or `"sign_sgd"`.
+        learning_rate: float, default 0.1. Step size in log space.
+        log_l2_range: (float, float), default (-12, 2). Clip range.
+    """
+
+    def __init__(self, name="adam", learning_rate=0.1,
+                 log_l2_range=(-12.0, 2.0)):
+        self.name = checks.one_of("meta_optimizer", name, META_OPTIMIZERS)
+        self.learning_rate = checks.positive_float(
+            "meta_learning_rate", learning_rate)
+        low, high = (checks.finite_float("log_l2_range", v)
+                     for v in log_l2_range)
+        if not low < high:
+            raise ValueError(
+                f"log_l2_range must be (low, high) with low < high; got "
+                f"{tuple(log_l2_range)}."
+            )
+        self.log_l2_range = (low, high)
+
+    def step(self, values, grads, state, scale=1.0):
+        """Returns `(new_values, new_state)`; inputs are not modified.
+
+        Args:
+            values: dict of name to array. Current `log_l2`.
+            grads: dict of name to array. Hypergradient.
+            state: dict of name to array. From a previous step, or empty.
+            scale: float, default 1.0. Multiplies the learning rate.
+        """
+        lr = self.learning_rate * scale
+        new_values, new_state = {}, {}
+        count = float(state.get("count", 0.0)) + 1.0
+        new_state["count"] = np.asarray(count)
+        for name, value in values.items():
+            g = np.asarray(grads[name], dtype=np.float64)
+            if self.name == "sign_sgd":
+                update = np.sign(g)
+            else:
+                m = 0.9 * state.get(f"m/{name}", 0.0) + 0.1 * g
+                v = 0.999 * state.get(f"v/{name}", 0.0) + 0.001 * g * g
+                new_state[f"m/{name}"] = np.asarray(m)
+                new_state[f"v/{name}"] = np.asarray(v)
+                m_hat = m / (1.0 - 0.9**count)
+                v_hat = v / (1.0 - 0.999**count)
+                update = m_hat / (np.sqrt(v_hat) + 1e-8)
+            new_values[name] = np.clip(
+                np.asarray(value, np.float64) - lr * update,
+                *self.log_l2_range,
+            )
+        return new_values, new_state
+
+
+class DrMADOracle(keras_tuner.Oracle):
+    """Chains trials: each starts from the last finished one's result.
+
+    The first trial takes every hyperparameter's default (the
+    `HyperRegularizer`'s `init_log_l2`). A later trial takes the values that
+    the last completed trial reported as `next_<name>` metrics.
+
+    Args:
+        objective: str or `keras_tuner.Objective`, default `"val_error"`.
+        max_trials: int, default 10. Number of episodes.
+        **kwargs: Passed to `keras_tuner.Oracle`.
+    """
+
+    def __init__(self, objective="val_error", max_trials=10, **kwargs):
+        if isinstance(objective, str):
+            objective = keras_tuner.Objective(objective, direction="min")
+        super().__init__(objective=objective, max_trials=max_trials,
+                         **kwargs)
+
+    def last_completed_trial(self, before=None):
+        """The latest completed trial in start order, or None.
+
+        Args:
+            before: str or None. Only trials started before this trial id.
+        """
+        order = list(self.start_order)
+        if before is not None and before in order:
+            order = order[: order.index(before)]
+        for trial_id in reversed(order):
+            trial = self.trials[trial_id]
+            if trial.status == keras_tuner.engine.trial.TrialStatus.COMPLETED:
+                return trial
+        return None
+
+    def populate_space(self, trial_id):
+        values = {hp.name: hp.default for hp in self.hyperparameters.space}
+        previous = self.last_completed_trial()
+        if previous is not None:
+            for name in values:
+                key = NEXT_PREFIX + name
+                if previous.metrics.exists(key):
+                    values[name] = previous.metrics.get_last_value(key)
+        return {
+            "status": keras_tuner.engine.trial.TrialStatus.RUNNING,
+            "values": values,
+        }
+
+
+class _ChainHyperModel(keras_tuner.HyperModel):
+    """Builds the user's model and declares one hyperparameter per
+    `HyperRegularizer`, named after its layer."""
+
+    def __init__(self, source, log_l2_range, seed, redraw_init):
+        super().__init__()
+        self.log_l2_range = log_l2_range
+        self.seed = seed
+        self.redraw_init = redraw_init
+        self.episode = 0
+        if isinstance(source, DrMADModel):
+            if not source.compiled:
+                raise ValueError(
+                    "compile the DrMADModel (with drmad_keras.MomentumSGD "
+                    "and a loss) before handing it to DrMADTuner."
+                )
+            self._config = keras.saving.serialize_keras_object(source)
+            self._user_build = lambda hp: keras.saving.deserialize_keras_object(
+                self._config)
+        elif isinstance(source, keras_tuner.HyperModel):
+            self._user_build = source.build
+        elif callable(source):
+            self._user_build = source
+        else:
+            raise TypeError(
+                "DrMADTuner needs a compiled DrMADModel, a function "
+                "build(hp) returning one, or a keras_tuner.HyperModel; got "
+                f"{type(source).__name__}."
+            )
+
+    def build(self, hp):
+        seed = self.seed + (self.episode if self.redraw_init else 0)
+        keras.utils.set_random_seed(seed)
+        model = self._user_build(hp)
+        if not isinstance(model, DrMADModel):
+            raise TypeError(
+                "the model to tune must be a drmad_keras.DrMADModel; the "
+                f"build function returned {type(model).__name__}."
+            )
+        if not model.compiled:
+            raise ValueError(
+                "the build function must compile the DrMADModel with "
+                "drmad_keras.MomentumSGD and a loss."
+            )
+        regs = model.hyper_regularizers
+        if not regs:
+            raise ValueError(
+                "the model has no HyperRegularizer layer, so DrMADTuner has "
+                "nothing to tune; wrap layers in drmad_keras.HyperRegularizer."
+            )
+        low, high = self.log_l2_range
+        for reg in regs:
+            hp.Float(reg.hp_name, min_value=low, max_value=high,
+                     default=float(np.clip(reg.init_log_l2, low, high)))
+        return model
+
+
+class DrMADTuner(keras_tuner.Tuner):
+    """Tunes every `log_l2` of a `DrMADModel` by hypergradient descent.
+
+    `search(x, y, hyper_data=(x_h, y_h), validation_data=(x_v, y_v), ...)`
+    runs episodes until `max_trials` have run. Everything keras-tuner offers
+    works: `results_summary()`, `get_best_hyperparameters()`,
+    `get_best_models()`, and a new tuner on the same `directory` and
+    `project_name` (with `overwrite=False`) continues the chain.
+
+    For per-unit `log_l2` the keras-tuner hyperparameter holds the mean of
+    the unit values; the values themselves are in each trial's
+    `episode.npz` and in the weights of its saved model.
+
+    Args:
+        hypermodel: a compiled `DrMADModel`, a function `build(hp)` returning
+            one (compiled), or a `keras_tuner.HyperModel`.
+        max_trials: int, default 10. Number of episodes.
+        objective: str, default `"val_error"`. `"val_error"`, `"val_loss"`
+            or `"hset_loss"`, minimized.
+        method: str, default `"drmad"`. `"drmad"` or `"exact"`.
+        curvature: str or None. See `DrMADModel.hypergradient`.
+        reverse_steps: int or None. See `DrMADModel.hypergradient`.
+        meta_optimizer: str, default `"adam"`. `"adam"` or `"sign_sgd"`.
+        meta_learning_rate: float, default 0.1.
+        log_l2_range: (float, float), default (-12, 2). Clip range.
+        redraw_init: bool, default False. Draw new initial weights each
+            episode.
+        reshuffle: bool, default False. Draw a new ESet batch order each
+            episode.
+        seed: int, default 0. Seeds the initial weights and batch order.
+        max_growth: float, default 1e6. See `reverse.meta_backward`.
+        **kwargs: Passed to `keras_tuner.Tuner` (`directory`,
+            `project_name`, `overwrite`, ...).
+    """
+
+    def __init__(self, hypermodel, max_trials=10, objective="val_error",
+                 method="drmad", curvature=None, reverse_steps=None,
+                 meta_optimizer="adam", meta_learning_rate=0.1,
+                 log_l2_range=(-12.0, 2.0), redraw_init=False,
+                 reshuffle=False, seed=0, max_growth=1e6, **kwargs):
+        checks.positive_int("max_trials", max_trials)
+        checks.one_of("objective", objective,
+                      ("val_error", "val_loss", "hset_loss"))
+        self.method = checks.one_of("method", method, reverse.METHODS)
+        if curvature is not None:
+            checks.one_of("curvature", curvature, reverse.CURVATURES)
+        self.curvature = curvature
+        if reverse_steps is not None:
+            reverse_steps = checks.positive_int("reverse_steps",
+                                                reverse_steps)
+        self.reverse_steps = reverse_steps
+        self.meta_optimizer = MetaOptimizer(
+            meta_optimizer, meta_learning_rate, log_l2_range)
+        self.reshuffle = bool(reshuffle)
+        self.seed = int(seed)
+        self.max_growth = checks.positive_float("max_growth", max_growth)
+        oracle = DrMADOracle(objective=objective, max_trials=max_trials)
+        chain = _ChainHyperModel(hypermodel, self.meta_optimizer.log_l2_range,
+                                 self.seed, bool(redraw_init))
+        super().__init__(oracle=oracle, hypermodel=chain, **kwargs)
+
+    # One episode -------------------------------------------------------------
+
+    def run_trial(self, trial, x, y, hyper_data, validation_data,
+                  batch_size=50, steps=None, epochs=1, verbose="auto",
+                  callbacks=None):
+        """Runs one episode; returns its metrics for the oracle.
+
+        Args:
+            trial: `keras_tuner.engine.trial.Trial`.
+            x: array. ESet inputs.
+            y: array. ESet labels.
+            hyper_data: `(x, y)`. HSet.
+            validation_data: `(x, y)`. VSet.
+            batch_size: int, default 50.
+            steps: int or None. Elementary steps `T`; default `epochs`
+                passes over ESet.
+            epochs: int, default 1.
+            verbose: `"auto"`, 0 or 1. Progress bars and the episode line.
+            callbacks: list of Keras callbacks, passed to `fit`.
+
+        Returns:
+            dict of metrics: `val_error`, `val_loss`, `hset_loss`,
+            `train_loss`, `hypergradient_norm`, `seconds`, and a
+            `next_<name>` per hyperparameter.
+        """
+        start = time.time()
+        verbose = resolve_verbose(verbose)
+        episode = int(trial.trial_id)
+        self.hypermodel.episode = episode
+        x_h, y_h = _pair("hyper_data", hyper_data)
+        x_v, y_v = _pair("validation_data", validation_data)
+
+        # Build with the trial's log_l2 (per unit: the previous episode's).
+        model = self._try_build(trial.hyperparameters)
+        if not model.built:
+            model(np.asarray(x[:1]))
+        previous = self._previous_episode(trial.trial_id)
+        values = self._start_values(model, trial.hyperparameters, previous)
+        model.set_log_l2(values)
+
+        # Meta-forward on ESet, meta-backward on HSet.
+        seed = self.seed + (episode if self.reshuffle else 0)
+        model.fit(x, y, batch_size=batch_size, steps=steps, epochs=epochs,
+                  seed=seed, record_trajectory=self.method == "exact",
+                  verbose=verbose, callbacks=callbacks)
+        result = model.hypergradient(
+            x_h, y_h, method=self.method, curvature=self.curvature,
+            reverse_steps=self.reverse_steps, max_growth=self.max_growth,
+            verbose=verbose,
+        )
+
+        # Meta step.
+        state = {k[len("opt/"):]: v for k, v in (previous or {}).items()
+                 if k.startswith("opt/")}
+        next_values, next_state = self.meta_optimizer.step(
+            values, result.grads, state)
+
+        val_loss, val_error = model.evaluate_split(x_v, y_v)
+        self.save_model(trial.trial_id, model)
+        arrays = {f"start/{k}": np.asarray(v) for k, v in values.items()}
+        arrays.update({f"grad/{k}": v for k, v in result.grads.items()})
+        arrays.update({f"next/{k}": v for k, v in next_values.items()})
+        arrays.update({f"opt/{k}": v for k, v in next_state.items()})
+        arrays["theta_0_norm"] = np.asarray(float(np.sqrt(sum(
+            np.sum(np.square(t)) for t in model.last_run.theta_0))))
+        save_episode(os.path.join(self.get_trial_dir(trial.trial_id),
+                                  EPISODE_FILE), arrays)
+
+        grad_norm = float(np.sqrt(sum(
+            np.sum(np.square(g)) for g in result.grads.values())))
+        metrics = {
+            "val_error": val_error,
+            "val_loss": val_loss,
+            "hset_loss": result.hset_loss,
+            "train_loss": float(np.mean(model.last_run.losses[-10:])),
+            "hypergradient_norm": grad_norm,
+            "seconds": time.time() - start,
+        }
+        for name, value in next_values.items():
+            metrics[NEXT_PREFIX + name] = float(np.mean(value))
+        logging.info("episode %d: %s", episode, metrics)
+        if verbose:
+            print(_episode_line(episode, values, metrics))
+        return metrics
+
+    def _previous_episode(self, trial_id):
+        previous = self.oracle.last_completed_trial(before=trial_id)
+        if previous is None:
+            return None
+        path = os.path.join(self.get_trial_dir(previous.trial_id),
+                            EPISODE_FILE)
+        return load_episode(path) if os.path.exists(path) else None
+
+    def _start_values(self, model, hp, previous):
+        """`log_l2` of this episode: the previous episode's full arrays if
+        there is one, else the hyperparameter values."""
+        values = {}
+        for reg in model.hyper_regularizers:
+            key = f"next/{reg.hp_name}"
+            if previous is not None and key in previous:
+                values[reg.hp_name] = previous[key]
+            else:
+                values[reg.hp_name] = np.full(
+                    reg.log_l2.shape, hp.get(reg.hp_name))
+        return values
+
+    def save_model(self, trial_id, model, step=0):
+        """Saves the weights (with `log_l2`) and the build config."""
+        model.save_weights(self._get_checkpoint_fname(trial_id))
+        write_json(self._get_build_config_fname(trial_id),
+                   model.get_build_config())
+
+    # Results -----------------------------------------------------------------
+
+    def episodes(self):
+        """Every trial in chain order, as plain dicts.
+
+        Returns:
+            list of dict with `episode`, `trial_id`, `status`, `log_l2`
+            (start values; per unit: the mean), the metrics, and `message`
+            for failed trials.
+        """
+        rows = []
+        for trial_id in self.oracle.start_order:
+            trial = self.oracle.trials[trial_id]
+            row = {
+                "episode": int(trial_id),
+                "trial_id": trial_id,
+                "status": str(trial.status),
+                "log_l2": dict(trial.hyperparameters.values),
+            }
+            for name in trial.metrics.metrics:
+                if not name.startswith(NEXT_PREFIX):
+                    row[name] = trial.metrics.get_last_value(name)
+            if trial.message:
+                row["message"] = trial.message
+            rows.append(row)
+        return rows
+
+    def episode_arrays(self, trial_id):
+        """The arrays saved with one episode (start, grad, next, opt)."""
+        return load_episode(os.path.join(self.get_trial_dir(trial_id),
+                                         EPISODE_FILE))
+
+
+def _pair(name, value):
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"{name} must be a pair (x, y); got {type(value)}.")
+    return value
+
+
+def _episode_line(episode, values, metrics):
+    l2 = " ".join(
+        f"{name[len('log_l2_'):]}={float(np.mean(v)):+.3f}"
+        for name, v in values.items()
+    )
+    return (
+        f"episode {episode:3d}  log_l2 {l2}  hset_loss "
+        f"{metrics['hset_loss']:.4f}  val_error {metrics['val_error']:.4f}  "
+        f"{metrics['seconds']:.1f}s"
+    )
+
+
+def write_json(path, obj):
+    """Writes `obj` as JSON to `path` atomically."""
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _atomic_write(path, write)
