@@ -101,7 +101,7 @@ class _Progress:
 
     def __init__(self, total, title, verbose):
         self.bar = None
-        if verbose:
+        if verbose == 1:
             print(title)
             self.bar = keras.utils.Progbar(total, verbose=verbose)
 
@@ -111,9 +111,15 @@ class _Progress:
 
 
 def resolve_verbose(verbose):
-    """Maps Keras' `"auto"` to 1 on a terminal and 0 otherwise."""
+    """Maps Keras' `"auto"` to 1 (progress bars) on a terminal, else 2.
+
+    As in Keras, 0 is silent, 1 shows progress bars and 2 one line per
+    episode (or nothing, for a single `fit`).
+    """
     if verbose == "auto":
-        return 1 if sys.stdout.isatty() else 0
+        return 1 if sys.stdout.isatty() else 2
+    if verbose not in (0, 1, 2):
+        raise ValueError(f"verbose must be 'auto', 0, 1 or 2; got {verbose!r}.")
     return int(verbose)
 
 
@@ -470,7 +476,7 @@ class DrMADModel(keras.Model):
     def evaluate_split(self, x, y):
         """Returns `(mean loss, error rate)` of the data loss on a split."""
         x, y = self._as_tensors(x, y)
-        outputs = self.predict_on_batch(x)
+        outputs = self(x)
         loss = float(self._data_loss(y, outputs))
         predicted = np.argmax(np.asarray(outputs), axis=-1)
         error = float(np.mean(predicted != np.asarray(y).reshape(-1)))

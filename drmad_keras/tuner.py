@@ -12,6 +12,7 @@ the seed each episode), and the ESet batch order is the same in every
 episode (`reshuffle=True` changes it).
 """
 
+import copy
 import json
 import os
 import time
@@ -179,8 +180,9 @@ class _ChainHyperModel(keras_tuner.HyperModel):
                     "and a loss) before handing it to DrMADTuner."
                 )
             self._config = keras.saving.serialize_keras_object(source)
+            # Deserializing consumes the config: hand it a copy each time.
             self._user_build = lambda hp: keras.saving.deserialize_keras_object(
-                self._config)
+                copy.deepcopy(self._config))
         elif isinstance(source, keras_tuner.HyperModel):
             self._user_build = source.build
         elif callable(source):
@@ -280,11 +282,26 @@ class DrMADTuner(keras_tuner.Tuner):
                                  self.seed, bool(redraw_init))
         super().__init__(oracle=oracle, hypermodel=chain, **kwargs)
 
+    def search(self, *fit_args, verbose="auto", **fit_kwargs):
+        """Runs episodes until `max_trials` trials exist.
+
+        Args:
+            *fit_args: `x, y` of ESet, passed to `run_trial`.
+            verbose: `"auto"`, 0, 1 or 2. 0 is silent; 2 prints one line
+                per episode; 1 adds progress bars and keras-tuner's own
+                trial display. `"auto"` is 1 on a terminal, else 2.
+            **fit_kwargs: Passed to `run_trial`: `hyper_data`,
+                `validation_data`, `batch_size`, `steps`, `epochs`,
+                `callbacks`.
+        """
+        self._verbose = resolve_verbose(verbose)
+        self.oracle.verbose = 1 if self._verbose == 1 else 0
+        super().search(*fit_args, **fit_kwargs)
+
     # One episode -------------------------------------------------------------
 
     def run_trial(self, trial, x, y, hyper_data, validation_data,
-                  batch_size=50, steps=None, epochs=1, verbose="auto",
-                  callbacks=None):
+                  batch_size=50, steps=None, epochs=1, callbacks=None):
         """Runs one episode; returns its metrics for the oracle.
 
         Args:
@@ -297,7 +314,6 @@ class DrMADTuner(keras_tuner.Tuner):
             steps: int or None. Elementary steps `T`; default `epochs`
                 passes over ESet.
             epochs: int, default 1.
-            verbose: `"auto"`, 0 or 1. Progress bars and the episode line.
             callbacks: list of Keras callbacks, passed to `fit`.
 
         Returns:
@@ -306,7 +322,7 @@ class DrMADTuner(keras_tuner.Tuner):
             `next_<name>` per hyperparameter.
         """
         start = time.time()
-        verbose = resolve_verbose(verbose)
+        verbose = getattr(self, "_verbose", 2)
         episode = int(trial.trial_id)
         self.hypermodel.episode = episode
         x_h, y_h = _pair("hyper_data", hyper_data)

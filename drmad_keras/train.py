@@ -1,0 +1,310 @@
+"""The main job: tune the L2 penalties of an MLP on MNIST with DrMAD.
+
+`bin/train_mnist` builds a `Config` from its flags and calls `run`. Tests
+and benchmarks build their own `Config`.
+"""
+
+import dataclasses
+import json
+import math
+import os
+
+import numpy as np
+from absl import logging
+
+from drmad_keras import checks
+from drmad_keras import data
+from drmad_keras import reverse
+from drmad_keras import tuner as tuner_lib
+
+ACTIVATIONS = ("tanh", "relu", "sigmoid", "elu", "softplus")
+GRANULARITIES = ("layer", "unit")
+PROJECT = "drmad"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything one run of the main job depends on.
+
+    The defaults follow the DrMAD paper's MNIST setting (784-50-50-50-10
+    tanh, batch 50, momentum 0.9), scaled to the 5,000-image sample.
+    """
+
+    source: str = "mnist_sample"
+    data_dir: str = None
+    eset: int = 2000
+    hset: int = 1000
+    vset: int = 1000
+    test: int = 1000
+    hidden: tuple = (50, 50, 50)
+    activation: str = "tanh"
+    episodes: int = 20
+    steps: int = 1000
+    batch_size: int = 50
+    learning_rate: float = 0.1
+    momentum: float = 0.9
+    init_log_l2: float = -6.0
+    granularity: str = "layer"
+    meta_optimizer: str = "adam"
+    meta_learning_rate: float = 0.2
+    method: str = "drmad"
+    curvature: str = None
+    reverse_steps: int = None
+    seed: int = 0
+    output_dir: str = "runs/mnist"
+    gpu: bool = False
+    verbose: object = "auto"
+
+    def __post_init__(self):
+        checks.one_of("source", self.source, data.SOURCES)
+        for name in ("eset", "hset", "vset", "test", "episodes", "steps",
+                     "batch_size"):
+            checks.positive_int(name, getattr(self, name))
+        if not self.hidden:
+            raise ValueError("hidden must name at least one layer size.")
+        for size in self.hidden:
+            checks.positive_int("hidden size", size)
+        checks.one_of("activation", self.activation, ACTIVATIONS)
+        if self.batch_size > self.eset:
+            raise ValueError(
+                f"batch_size {self.batch_size} is larger than ESet "
+                f"({self.eset} examples)."
+            )
+        checks.positive_float("learning_rate", self.learning_rate)
+        checks.float_in_range("momentum", self.momentum, 0.0, 1.0)
+        checks.finite_float("init_log_l2", self.init_log_l2)
+        checks.one_of("granularity", self.granularity, GRANULARITIES)
+        checks.one_of("meta_optimizer", self.meta_optimizer,
+                      tuner_lib.META_OPTIMIZERS)
+        checks.positive_float("meta_learning_rate", self.meta_learning_rate)
+        checks.one_of("method", self.method, reverse.METHODS)
+        if self.curvature is not None:
+            checks.one_of("curvature", self.curvature, reverse.CURVATURES)
+        if self.reverse_steps is not None:
+            checks.positive_int("reverse_steps", self.reverse_steps)
+            if self.reverse_steps > self.steps:
+                raise ValueError(
+                    f"reverse_steps ({self.reverse_steps}) cannot exceed "
+                    f"steps ({self.steps})."
+                )
+
+    def chain_settings(self):
+        """The settings a resumed run must share with the one it resumes
+        (all but the number of episodes and how output looks)."""
+        settings = dataclasses.asdict(self)
+        for name in ("episodes", "output_dir", "gpu", "verbose"):
+            settings.pop(name)
+        settings["hidden"] = list(self.hidden)
+        return settings
+
+
+def build_model(config, inputs=784, classes=10):
+    """The MLP of `config` as a compiled `DrMADModel`."""
+    import keras
+
+    from drmad_keras.model import DrMADModel
+    from drmad_keras.optimizers import MomentumSGD
+    from drmad_keras.regularizer import HyperRegularizer
+
+    def regularized(layer):
+        return HyperRegularizer(layer, init_log_l2=config.init_log_l2,
+                                granularity=config.granularity)
+
+    x_in = keras.Input((inputs,), name="pixels")
+    h = x_in
+    for i, width in enumerate(config.hidden):
+        h = regularized(keras.layers.Dense(
+            width, activation=config.activation, name=f"hidden{i + 1}"))(h)
+    logits = regularized(keras.layers.Dense(classes, name="logits"))(h)
+    model = DrMADModel(x_in, logits, name="mlp")
+    model.compile(
+        optimizer=MomentumSGD(alpha=config.learning_rate,
+                              gamma=config.momentum),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def _check_output_dir(config):
+    """Creates the output directory, or raises naming what is wrong."""
+    out = config.output_dir
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write-test-{os.getpid()}")
+        with open(probe, "w", encoding="utf-8"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise ValueError(
+            f"output_dir {out!r} cannot be written: {error.strerror}."
+        ) from None
+
+    saved = os.path.join(out, "config.json")
+    if os.path.exists(saved):
+        with open(saved, encoding="utf-8") as f:
+            previous = json.load(f)
+        current = config.chain_settings()
+        changed = sorted(k for k in current if previous.get(k) != current[k])
+        if changed:
+            raise ValueError(
+                f"output_dir {out!r} holds a run with other settings "
+                f"({', '.join(changed)}); resume it with the same settings "
+                "or choose another output_dir."
+            )
+    else:
+        tuner_lib.write_json(saved, config.chain_settings())
+
+
+def run(config):
+    """Runs the episodes of `config` and writes what they found.
+
+    A run on an `output_dir` that already holds finished episodes continues
+    from the last of them.
+
+    Args:
+        config: `Config`.
+
+    Returns:
+        dict: the content of `results.json`.
+    """
+    _check_output_dir(config)
+    splits = data.load(
+        config.source,
+        sizes={"eset": config.eset, "hset": config.hset,
+               "vset": config.vset, "test": config.test},
+        seed=config.seed,
+        data_dir=config.data_dir,
+    )
+    logging.info("splits from %s: %s", splits.source, splits.sizes())
+
+    tuner = tuner_lib.DrMADTuner(
+        lambda hp: build_model(config),
+        max_trials=config.episodes,
+        method=config.method,
+        curvature=config.curvature,
+        reverse_steps=config.reverse_steps,
+        meta_optimizer=config.meta_optimizer,
+        meta_learning_rate=config.meta_learning_rate,
+        seed=config.seed,
+        directory=config.output_dir,
+        project_name=PROJECT,
+        overwrite=False,
+    )
+    tuner.search(
+        *splits.eset,
+        hyper_data=splits.hset,
+        validation_data=splits.vset,
+        batch_size=config.batch_size,
+        steps=config.steps,
+        verbose=config.verbose,
+    )
+    results = summarize(tuner, splits, config)
+    write_outputs(results, config.output_dir)
+    if config.verbose != 0:
+        print(summary_text(results))
+    return results
+
+
+def _plain(value):
+    """JSON-friendly copy of NumPy scalars and containers."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def summarize(tuner, splits, config):
+    """Episodes, the best one by VSet error, and test errors."""
+    episodes = _plain(tuner.episodes())
+    completed = [e for e in episodes if e["status"] == "COMPLETED"]
+    results = {"config": dataclasses.asdict(config), "episodes": episodes,
+               "splits": splits.sizes(), "source": splits.source}
+    if not completed:
+        return results
+    best = min(completed, key=lambda e: (e["val_error"], e["episode"]))
+    first = completed[0]
+    for name, row in (("first", first), ("best", best)):
+        model = tuner.load_model(tuner.oracle.get_trial(row["trial_id"]))
+        test_loss, test_error = model.evaluate_split(*splits.test)
+        results[name] = {**row, "test_loss": test_loss,
+                         "test_error": test_error}
+    return _plain(results)
+
+
+def summary_text(results):
+    """The closing summary, a few lines for a person."""
+    if "best" not in results:
+        return "no episode finished."
+    lines = ["", "episode   hset_loss  val_error  test_error"]
+    for name in ("first", "best"):
+        row = results[name]
+        lines.append(
+            f"{row['episode']:7d}   {row['hset_loss']:9.4f}  "
+            f"{row['val_error']:9.4f}  {row['test_error']:10.4f}   ({name})"
+        )
+    return "\n".join(lines)
+
+
+def write_outputs(results, output_dir):
+    """Writes results.json, TensorBoard scalars and PNG plots."""
+    tuner_lib.write_json(os.path.join(output_dir, "results.json"), results)
+    completed = [e for e in results["episodes"]
+                 if e["status"] == "COMPLETED"]
+    if not completed:
+        return
+    _write_tensorboard(completed, os.path.join(output_dir, "tensorboard"))
+    _write_plots(completed, output_dir)
+
+
+def _write_tensorboard(episodes, logdir):
+    import tensorflow as tf
+
+    writer = tf.summary.create_file_writer(logdir)
+    with writer.as_default():
+        for row in episodes:
+            step = row["episode"]
+            for name in ("hset_loss", "val_error", "val_loss", "train_loss",
+                         "hypergradient_norm"):
+                if row.get(name) is not None:
+                    tf.summary.scalar(name, row[name], step=step)
+            for name, value in row["log_l2"].items():
+                tf.summary.scalar(f"log_l2/{name}", value, step=step)
+    writer.close()
+
+
+def _write_plots(episodes, output_dir):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    x = [row["episode"] for row in episodes]
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in episodes[0]["log_l2"]:
+        ax.plot(x, [row["log_l2"][name] for row in episodes], marker="o",
+                label=name)
+    ax.set_xlabel("episode")
+    ax.set_ylabel("log_l2 (per unit: mean)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(output_dir, "log_l2.png"), dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(x, [row["hset_loss"] for row in episodes], marker="o",
+            color="tab:blue", label="HSet loss")
+    ax.set_xlabel("episode")
+    ax.set_ylabel("HSet loss", color="tab:blue")
+    twin = ax.twinx()
+    twin.plot(x, [row["val_error"] for row in episodes], marker="s",
+              color="tab:red", label="VSet error")
+    twin.set_ylabel("VSet error", color="tab:red")
+    fig.tight_layout()
+    fig.savefig(os.path.join(output_dir, "losses.png"), dpi=100)
+    plt.close(fig)
