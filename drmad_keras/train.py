@@ -43,7 +43,7 @@ class Config:
     batch_size: int = 50
     learning_rate: float = 0.1
     momentum: float = 0.9
-    init_log_l2: float = -6.0
+    init_log_l2: float = -3.0
     granularity: str = "layer"
     meta_optimizer: str = "adam"
     meta_learning_rate: float = 0.2
