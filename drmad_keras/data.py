@@ -42,8 +42,10 @@ class Splits:
 
     def sizes(self):
         """dict of split name to number of examples."""
-        return {name: len(getattr(self, name)[0])
-                for name in ("eset", "hset", "vset", "test")}
+        return {
+            name: len(getattr(self, name)[0])
+            for name in ("eset", "hset", "vset", "test")
+        }
 
 
 def _sample_arrays():
@@ -58,8 +60,11 @@ def _tfds_arrays(data_dir, download):
 
     try:
         parts = tfds.load(
-            "mnist", split=["train", "test"], as_supervised=True,
-            data_dir=data_dir, download=download,
+            "mnist",
+            split=["train", "test"],
+            as_supervised=True,
+            data_dir=data_dir,
+            download=download,
         )
     except Exception as error:  # tfds raises many kinds when offline.
         where = f"data_dir={data_dir!r}" if data_dir else "its default"
@@ -86,8 +91,9 @@ def _tfds_arrays(data_dir, download):
     )
 
 
-def load(source="mnist_sample", sizes=None, seed=0, data_dir=None,
-         download=True):
+def load(
+    source="mnist_sample", sizes=None, seed=0, data_dir=None, download=True
+):
     """Loads MNIST and splits it.
 
     The order of the images is drawn from `seed`. For `mnist`, ESet, HSet and
@@ -136,7 +142,7 @@ def load(source="mnist_sample", sizes=None, seed=0, data_dir=None,
                 f"the splits ask for {needed} images ({sizes}) but "
                 f"{source} has {len(x)}."
             )
-        test_pool = train_pool[needed - sizes["test"]:]
+        test_pool = train_pool[needed - sizes["test"] :]
     else:
         train_pool = rng.permutation(official_test)
         test_pool = official_test + rng.permutation(len(x) - official_test)

@@ -152,16 +152,24 @@ class DrMADModel(keras.Model):
         # Keras' Functional, so that Keras never rewrites DrMADModel's bases
         # and subclassing DrMADModel keeps working in the same process.
         if cls is DrMADModel and (
-            len(args) >= 2 or ("inputs" in kwargs and "outputs" in kwargs)
+            len(args) >= 2
+            or ("inputs" in kwargs and "outputs" in kwargs)
             or (len(args) == 1 and "outputs" in kwargs)
         ):
             cls = FunctionalDrMADModel
         return super().__new__(cls, *args, **kwargs)
+
     _data_loss = None
     _xla = False
 
-    def compile(self, optimizer=None, loss=None, metrics=None,
-                jit_compile=False, **kwargs):
+    def compile(
+        self,
+        optimizer=None,
+        loss=None,
+        metrics=None,
+        jit_compile=False,
+        **kwargs,
+    ):
         """Configures the model for DrMAD training.
 
         Args:
@@ -185,8 +193,11 @@ class DrMADModel(keras.Model):
             )
         self._data_loss = _mean_loss(loss)
         super().compile(
-            optimizer=optimizer, loss=loss, metrics=metrics,
-            jit_compile=jit_compile, **kwargs,
+            optimizer=optimizer,
+            loss=loss,
+            metrics=metrics,
+            jit_compile=jit_compile,
+            **kwargs,
         )
         self._xla = jit_compile is True
 
@@ -203,7 +214,8 @@ class DrMADModel(keras.Model):
     def hyper_regularizers(self):
         """list of `HyperRegularizer`: every one in the model, in order."""
         return [
-            layer for layer in self._flatten_layers(include_self=False)
+            layer
+            for layer in self._flatten_layers(include_self=False)
             if isinstance(layer, HyperRegularizer)
         ]
 
@@ -230,8 +242,7 @@ class DrMADModel(keras.Model):
         for name, value in values.items():
             if name not in regs:
                 raise KeyError(
-                    f"no hyperparameter {name!r}; the model has "
-                    f"{sorted(regs)}."
+                    f"no hyperparameter {name!r}; the model has {sorted(regs)}."
                 )
             var = regs[name].log_l2
             value = np.broadcast_to(
@@ -258,7 +269,8 @@ class DrMADModel(keras.Model):
             )
         hyper_ids = {id(reg.log_l2) for reg in regs}
         others = [
-            v.path for v in self.non_trainable_variables
+            v.path
+            for v in self.non_trainable_variables
             if id(v) not in hyper_ids
         ]
         if others:
@@ -280,10 +292,12 @@ class DrMADModel(keras.Model):
             return outputs
 
         def penalty_fn(theta, log_l2):
-            return tf.add_n([
-                reg.penalty(theta[k], lam)
-                for reg, k, lam in zip(regs, kernel_at, log_l2)
-            ])
+            return tf.add_n(
+                [
+                    reg.penalty(theta[k], lam)
+                    for reg, k, lam in zip(regs, kernel_at, log_l2)
+                ]
+            )
 
         return reverse.Objective(output_fn, self._data_loss, penalty_fn)
 
@@ -295,9 +309,7 @@ class DrMADModel(keras.Model):
         regs = self.hyper_regularizers
         theta = [v.value for v in self.trainable_variables]
         log_l2 = [reg.log_l2.value for reg in regs]
-        loss, grads = reverse.gradient(
-            self._objective, theta, log_l2, x, y
-        )
+        loss, grads = reverse.gradient(self._objective, theta, log_l2, x, y)
         self.optimizer.apply(grads, self.trainable_variables)
         return {"loss": loss}
 
@@ -305,9 +317,19 @@ class DrMADModel(keras.Model):
         self._objective = self.objective()
         return super().make_train_function(force)
 
-    def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto",
-            callbacks=None, steps=None, seed=0, record_trajectory=False,
-            **kwargs):
+    def fit(
+        self,
+        x=None,
+        y=None,
+        batch_size=None,
+        epochs=1,
+        verbose="auto",
+        callbacks=None,
+        steps=None,
+        seed=0,
+        record_trajectory=False,
+        **kwargs,
+    ):
         """Trains by `T` elementary steps and records the run.
 
         Args:
@@ -370,20 +392,37 @@ class DrMADModel(keras.Model):
         cbs.on_train_begin()
         self.last_run = None
         theta_T, losses, trajectory = reverse.meta_forward(
-            self.objective(), theta_0, log_l2, x, y, index, alpha, gamma,
-            record_trajectory=record_trajectory, jit_compile=self._xla,
+            self.objective(),
+            theta_0,
+            log_l2,
+            x,
+            y,
+            index,
+            alpha,
+            gamma,
+            record_trajectory=record_trajectory,
+            jit_compile=self._xla,
             progress=_Progress(steps, "meta-forward", verbose),
         )
         for var, value in zip(self.trainable_variables, theta_T):
             var.assign(value)
         self.last_run = Run(
-            theta_0=theta_0, theta_T=theta_T, log_l2=log_l2, x=x, y=y,
-            batch_size=batch_size, steps=steps, seed=seed, alpha=alpha,
-            gamma=gamma, losses=losses, trajectory=trajectory,
+            theta_0=theta_0,
+            theta_T=theta_T,
+            log_l2=log_l2,
+            x=x,
+            y=y,
+            batch_size=batch_size,
+            steps=steps,
+            seed=seed,
+            alpha=alpha,
+            gamma=gamma,
+            losses=losses,
+            trajectory=trajectory,
         )
         chunk = reverse.CHUNK_STEPS
         history.history["loss"] = [
-            float(np.mean(losses[i:i + chunk]))
+            float(np.mean(losses[i : i + chunk]))
             for i in range(0, steps, chunk)
         ]
         cbs.on_train_end({"loss": float(losses[-1])})
@@ -395,9 +434,7 @@ class DrMADModel(keras.Model):
         x = tf.convert_to_tensor(np.asarray(x), dtype=self.compute_dtype)
         y = tf.convert_to_tensor(np.asarray(y))
         if len(x) != len(y):
-            raise ValueError(
-                f"x has {len(x)} examples but y has {len(y)}."
-            )
+            raise ValueError(f"x has {len(x)} examples but y has {len(y)}.")
         if len(x) == 0:
             raise ValueError("x is empty.")
         if not bool(tf.reduce_all(tf.math.is_finite(x))):
@@ -406,9 +443,16 @@ class DrMADModel(keras.Model):
 
     # Meta-backward -----------------------------------------------------------
 
-    def hypergradient(self, x_hyper, y_hyper, method="drmad",
-                      curvature=None, reverse_steps=None, max_growth=1e6,
-                      verbose="auto"):
+    def hypergradient(
+        self,
+        x_hyper,
+        y_hyper,
+        method="drmad",
+        curvature=None,
+        reverse_steps=None,
+        max_growth=1e6,
+        verbose="auto",
+    ):
         """Derivative of the HSet loss of the last `fit` in every `log_l2`.
 
         Args:
@@ -457,10 +501,21 @@ class DrMADModel(keras.Model):
             )
         total = reverse_steps or run.steps
         d_log_l2, growth = reverse.meta_backward(
-            objective, run.theta_0, run.theta_T, run.log_l2, run.x, run.y,
-            run.batch_order(), run.alpha, run.gamma, d_theta,
-            method=method, curvature=curvature, reverse_steps=reverse_steps,
-            trajectory=run.trajectory, max_growth=max_growth,
+            objective,
+            run.theta_0,
+            run.theta_T,
+            run.log_l2,
+            run.x,
+            run.y,
+            run.batch_order(),
+            run.alpha,
+            run.gamma,
+            d_theta,
+            method=method,
+            curvature=curvature,
+            reverse_steps=reverse_steps,
+            trajectory=run.trajectory,
+            max_growth=max_growth,
             jit_compile=self._xla,
             progress=_Progress(total, "meta-backward", verbose),
         )

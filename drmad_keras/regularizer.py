@@ -54,9 +54,7 @@ class HyperRegularizer(keras.layers.Wrapper):
                 f"init_log_l2 must be a number; got {init_log_l2!r}."
             ) from None
         if not math.isfinite(init_log_l2):
-            raise ValueError(
-                f"init_log_l2 must be finite; got {init_log_l2}."
-            )
+            raise ValueError(f"init_log_l2 must be finite; got {init_log_l2}.")
         kwargs.setdefault("name", f"{layer.name}_hyper")
         super().__init__(layer, **kwargs)
         self.init_log_l2 = init_log_l2
@@ -104,8 +102,9 @@ class HyperRegularizer(keras.layers.Wrapper):
         if self.granularity == "layer":
             return ops.exp(log_l2) * ops.sum(squares)
         # Sum over every axis but the input-unit axis (the one before last).
-        axes = tuple(i for i in range(len(kernel.shape)) if i != len(
-            kernel.shape) - 2)
+        axes = tuple(
+            i for i in range(len(kernel.shape)) if i != len(kernel.shape) - 2
+        )
         return ops.sum(ops.exp(log_l2) * ops.sum(squares, axis=axes))
 
     def call(self, inputs, *args, **kwargs):

@@ -97,21 +97,17 @@ def batch_order(num_examples, batch_size, steps, seed):
             for _ in range(epochs)
         ]
     )
-    return order[: steps * batch_size].reshape(steps, batch_size).astype(
-        np.int32
+    return (
+        order[: steps * batch_size].reshape(steps, batch_size).astype(np.int32)
     )
 
 
 def _zeros_for_none(values, like):
-    return [
-        tf.zeros_like(w) if g is None else g for g, w in zip(values, like)
-    ]
+    return [tf.zeros_like(w) if g is None else g for g, w in zip(values, like)]
 
 
 def _global_norm(tensors):
-    return tf.sqrt(
-        tf.add_n([tf.reduce_sum(tf.square(t)) for t in tensors])
-    )
+    return tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(t)) for t in tensors]))
 
 
 def gradient(objective, theta, log_l2, x, y):
@@ -188,9 +184,7 @@ def gauss_newton_product(objective, theta, log_l2, x, y, d_v):
     hjv = outer.gradient(grad_z, z_leaf, output_gradients=jv)
 
     # J^T H_z J d_v, then the penalty's exact share.
-    ggn = _zeros_for_none(
-        tape.gradient(z, theta, output_gradients=hjv), theta
-    )
+    ggn = _zeros_for_none(tape.gradient(z, theta, output_gradients=hjv), theta)
     pen_theta, pen_lam = _penalty_product(objective, theta, log_l2, d_v)
     return [a + b for a, b in zip(ggn, pen_theta)], pen_lam
 
@@ -201,8 +195,9 @@ _PRODUCTS = {
 }
 
 
-def _forward_chunk(objective, theta, v, log_l2, x, y, index, alpha, gamma,
-                   record):
+def _forward_chunk(
+    objective, theta, v, log_l2, x, y, index, alpha, gamma, record
+):
     """Runs `len(index)` elementary steps; returns the new state."""
     steps = tf.shape(index)[0]
     losses = tf.TensorArray(x.dtype, size=steps)
@@ -220,8 +215,21 @@ def _forward_chunk(objective, theta, v, log_l2, x, y, index, alpha, gamma,
     return theta, v, losses.stack(), stacked
 
 
-def _reverse_chunk(objective, product, d_theta, d_v, d_lam, growth, log_l2,
-                   x, y, index, points, alpha, gamma):
+def _reverse_chunk(
+    objective,
+    product,
+    d_theta,
+    d_v,
+    d_lam,
+    growth,
+    log_l2,
+    x,
+    y,
+    index,
+    points,
+    alpha,
+    gamma,
+):
     """Runs reverse steps over `index` (already in reverse order).
 
     `points` is either `("line", theta_0, theta_T, fractions)`, the weights
@@ -266,8 +274,19 @@ def _chunks(num_steps, chunk):
     return [(s, min(s + chunk, num_steps)) for s in range(0, num_steps, chunk)]
 
 
-def meta_forward(objective, theta_0, log_l2, x, y, index, alpha, gamma,
-                 record_trajectory=False, jit_compile=False, progress=None):
+def meta_forward(
+    objective,
+    theta_0,
+    log_l2,
+    x,
+    y,
+    index,
+    alpha,
+    gamma,
+    record_trajectory=False,
+    jit_compile=False,
+    progress=None,
+):
     """Trains `theta` from `theta_0` by `len(index)` elementary steps.
 
     Args:
@@ -302,8 +321,16 @@ def meta_forward(objective, theta_0, log_l2, x, y, index, alpha, gamma,
     losses, pieces = [], []
     for start, stop in _chunks(len(index), CHUNK_STEPS):
         theta, v, chunk_losses, traj = run(
-            objective, theta, v, log_l2, x, y,
-            tf.constant(index[start:stop]), alpha, gamma, record_trajectory,
+            objective,
+            theta,
+            v,
+            log_l2,
+            x,
+            y,
+            tf.constant(index[start:stop]),
+            alpha,
+            gamma,
+            record_trajectory,
         )
         chunk_losses = chunk_losses.numpy()
         losses.append(chunk_losses)
@@ -323,16 +350,30 @@ def meta_forward(objective, theta_0, log_l2, x, y, index, alpha, gamma,
     trajectory = None
     if record_trajectory:
         trajectory = [
-            tf.concat([p[k] for p in pieces], axis=0)
-            for k in range(len(theta))
+            tf.concat([p[k] for p in pieces], axis=0) for k in range(len(theta))
         ]
     return theta, np.concatenate(losses), trajectory
 
 
-def meta_backward(objective, theta_0, theta_T, log_l2, x, y, index, alpha,
-                  gamma, d_theta, method="drmad", curvature="gauss_newton",
-                  reverse_steps=None, trajectory=None, max_growth=1e6,
-                  jit_compile=False, progress=None):
+def meta_backward(
+    objective,
+    theta_0,
+    theta_T,
+    log_l2,
+    x,
+    y,
+    index,
+    alpha,
+    gamma,
+    d_theta,
+    method="drmad",
+    curvature="gauss_newton",
+    reverse_steps=None,
+    trajectory=None,
+    max_growth=1e6,
+    jit_compile=False,
+    progress=None,
+):
     """The reverse pass: `d l2(theta_T) / d log_l2` from `d_theta`.
 
     Args:
@@ -396,7 +437,7 @@ def meta_backward(objective, theta_0, theta_T, log_l2, x, y, index, alpha,
     gamma_t = tf.constant(gamma, dtype)
     d_theta = list(d_theta)
     d_v = [tf.zeros_like(w) for w in theta_0]
-    d_lam = [tf.zeros_like(l) for l in log_l2]
+    d_lam = [tf.zeros_like(lam) for lam in log_l2]
     start_norm = float(_global_norm(d_theta))
     growth = tf.constant(start_norm, dtype)
 
@@ -406,14 +447,28 @@ def meta_backward(objective, theta_0, theta_T, log_l2, x, y, index, alpha,
     for start, stop in _chunks(reverse_steps, CHUNK_STEPS):
         steps = order[start:stop]
         if method == "drmad":
-            points = ("line", theta_0, theta_T,
-                      tf.constant(steps / num_steps, dtype))
+            points = (
+                "line",
+                theta_0,
+                theta_T,
+                tf.constant(steps / num_steps, dtype),
+            )
         else:
-            points = ("stored",
-                      [tf.gather(traj, steps) for traj in trajectory])
+            points = ("stored", [tf.gather(traj, steps) for traj in trajectory])
         d_theta, d_v, d_lam, growth = run(
-            objective, product, d_theta, d_v, d_lam, growth, log_l2, x, y,
-            tf.constant(index[steps]), points, alpha_t, gamma_t,
+            objective,
+            product,
+            d_theta,
+            d_v,
+            d_lam,
+            growth,
+            log_l2,
+            x,
+            y,
+            tf.constant(index[steps]),
+            points,
+            alpha_t,
+            gamma_t,
         )
         done = stop
         ratio = float(growth) / max(start_norm, np.finfo(np.float64).tiny)
@@ -421,8 +476,13 @@ def meta_backward(objective, theta_0, theta_T, log_l2, x, y, index, alpha,
             bool(tf.reduce_all(tf.math.is_finite(t))) for t in d_lam + d_theta
         )
         if not finite or ratio > max_growth:
-            what = "non-finite values" if not finite else (
-                f"a norm {ratio:.3g} times its start (limit {max_growth:g})")
+            what = (
+                "non-finite values"
+                if not finite
+                else (
+                    f"a norm {ratio:.3g} times its start (limit {max_growth:g})"
+                )
+            )
             raise DivergenceError(
                 f"the {method} reverse pass ({curvature}) produced {what} "
                 f"within reverse steps {start}..{stop - 1} (forward steps "
@@ -435,4 +495,4 @@ def meta_backward(objective, theta_0, theta_T, log_l2, x, y, index, alpha,
         if progress is not None:
             progress(done)
     ratio = float(growth) / max(start_norm, np.finfo(np.float64).tiny)
-    return [l.numpy() for l in d_lam], ratio
+    return [d.numpy() for d in d_lam], ratio

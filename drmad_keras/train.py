@@ -57,8 +57,15 @@ class Config:
 
     def __post_init__(self):
         checks.one_of("source", self.source, data.SOURCES)
-        for name in ("eset", "hset", "vset", "test", "episodes", "steps",
-                     "batch_size"):
+        for name in (
+            "eset",
+            "hset",
+            "vset",
+            "test",
+            "episodes",
+            "steps",
+            "batch_size",
+        ):
             checks.positive_int(name, getattr(self, name))
         if not self.hidden:
             raise ValueError("hidden must name at least one layer size.")
@@ -74,8 +81,9 @@ class Config:
         checks.float_in_range("momentum", self.momentum, 0.0, 1.0)
         checks.finite_float("init_log_l2", self.init_log_l2)
         checks.one_of("granularity", self.granularity, GRANULARITIES)
-        checks.one_of("meta_optimizer", self.meta_optimizer,
-                      tuner_lib.META_OPTIMIZERS)
+        checks.one_of(
+            "meta_optimizer", self.meta_optimizer, tuner_lib.META_OPTIMIZERS
+        )
         checks.positive_float("meta_learning_rate", self.meta_learning_rate)
         checks.one_of("method", self.method, reverse.METHODS)
         if self.curvature is not None:
@@ -107,19 +115,26 @@ def build_model(config, inputs=784, classes=10):
     from drmad_keras.regularizer import HyperRegularizer
 
     def regularized(layer):
-        return HyperRegularizer(layer, init_log_l2=config.init_log_l2,
-                                granularity=config.granularity)
+        return HyperRegularizer(
+            layer,
+            init_log_l2=config.init_log_l2,
+            granularity=config.granularity,
+        )
 
     x_in = keras.Input((inputs,), name="pixels")
     h = x_in
     for i, width in enumerate(config.hidden):
-        h = regularized(keras.layers.Dense(
-            width, activation=config.activation, name=f"hidden{i + 1}"))(h)
+        h = regularized(
+            keras.layers.Dense(
+                width, activation=config.activation, name=f"hidden{i + 1}"
+            )
+        )(h)
     logits = regularized(keras.layers.Dense(classes, name="logits"))(h)
     model = DrMADModel(x_in, logits, name="mlp")
     model.compile(
-        optimizer=MomentumSGD(alpha=config.learning_rate,
-                              gamma=config.momentum),
+        optimizer=MomentumSGD(
+            alpha=config.learning_rate, gamma=config.momentum
+        ),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     return model
@@ -170,8 +185,12 @@ def run(config):
     _check_output_dir(config)
     splits = data.load(
         config.source,
-        sizes={"eset": config.eset, "hset": config.hset,
-               "vset": config.vset, "test": config.test},
+        sizes={
+            "eset": config.eset,
+            "hset": config.hset,
+            "vset": config.vset,
+            "test": config.test,
+        },
         seed=config.seed,
         data_dir=config.data_dir,
     )
@@ -222,8 +241,12 @@ def summarize(tuner, splits, config):
     """Episodes, the best one by VSet error, and test errors."""
     episodes = _plain(tuner.episodes())
     completed = [e for e in episodes if e["status"] == "COMPLETED"]
-    results = {"config": dataclasses.asdict(config), "episodes": episodes,
-               "splits": splits.sizes(), "source": splits.source}
+    results = {
+        "config": dataclasses.asdict(config),
+        "episodes": episodes,
+        "splits": splits.sizes(),
+        "source": splits.source,
+    }
     if not completed:
         return results
     best = min(completed, key=lambda e: (e["val_error"], e["episode"]))
@@ -231,8 +254,11 @@ def summarize(tuner, splits, config):
     for name, row in (("first", first), ("best", best)):
         model = tuner.load_model(tuner.oracle.get_trial(row["trial_id"]))
         test_loss, test_error = model.evaluate_split(*splits.test)
-        results[name] = {**row, "test_loss": test_loss,
-                         "test_error": test_error}
+        results[name] = {
+            **row,
+            "test_loss": test_loss,
+            "test_error": test_error,
+        }
     return _plain(results)
 
 
@@ -253,8 +279,7 @@ def summary_text(results):
 def write_outputs(results, output_dir):
     """Writes results.json, TensorBoard scalars and PNG plots."""
     tuner_lib.write_json(os.path.join(output_dir, "results.json"), results)
-    completed = [e for e in results["episodes"]
-                 if e["status"] == "COMPLETED"]
+    completed = [e for e in results["episodes"] if e["status"] == "COMPLETED"]
     if not completed:
         return
     _write_tensorboard(completed, os.path.join(output_dir, "tensorboard"))
@@ -268,8 +293,13 @@ def _write_tensorboard(episodes, logdir):
     with writer.as_default():
         for row in episodes:
             step = row["episode"]
-            for name in ("hset_loss", "val_error", "val_loss", "train_loss",
-                         "hypergradient_norm"):
+            for name in (
+                "hset_loss",
+                "val_error",
+                "val_loss",
+                "train_loss",
+                "hypergradient_norm",
+            ):
                 if row.get(name) is not None:
                     tf.summary.scalar(name, row[name], step=step)
             for name, value in row["log_l2"].items():
@@ -287,8 +317,9 @@ def _write_plots(episodes, output_dir):
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in episodes[0]["log_l2"]:
-        ax.plot(x, [row["log_l2"][name] for row in episodes], marker="o",
-                label=name)
+        ax.plot(
+            x, [row["log_l2"][name] for row in episodes], marker="o", label=name
+        )
     ax.set_xlabel("episode")
     ax.set_ylabel("log_l2 (per unit: mean)")
     ax.legend()
@@ -297,13 +328,23 @@ def _write_plots(episodes, output_dir):
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(x, [row["hset_loss"] for row in episodes], marker="o",
-            color="tab:blue", label="HSet loss")
+    ax.plot(
+        x,
+        [row["hset_loss"] for row in episodes],
+        marker="o",
+        color="tab:blue",
+        label="HSet loss",
+    )
     ax.set_xlabel("episode")
     ax.set_ylabel("HSet loss", color="tab:blue")
     twin = ax.twinx()
-    twin.plot(x, [row["val_error"] for row in episodes], marker="s",
-              color="tab:red", label="VSet error")
+    twin.plot(
+        x,
+        [row["val_error"] for row in episodes],
+        marker="s",
+        color="tab:red",
+        label="VSet error",
+    )
     twin.set_ylabel("VSet error", color="tab:red")
     fig.tight_layout()
     fig.savefig(os.path.join(output_dir, "losses.png"), dpi=100)

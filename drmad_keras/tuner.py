@@ -69,13 +69,16 @@ class MetaOptimizer:
         log_l2_range: (float, float), default (-12, 2). Clip range.
     """
 
-    def __init__(self, name="adam", learning_rate=0.1,
-                 log_l2_range=(-12.0, 2.0)):
+    def __init__(
+        self, name="adam", learning_rate=0.1, log_l2_range=(-12.0, 2.0)
+    ):
         self.name = checks.one_of("meta_optimizer", name, META_OPTIMIZERS)
         self.learning_rate = checks.positive_float(
-            "meta_learning_rate", learning_rate)
-        low, high = (checks.finite_float("log_l2_range", v)
-                     for v in log_l2_range)
+            "meta_learning_rate", learning_rate
+        )
+        low, high = (
+            checks.finite_float("log_l2_range", v) for v in log_l2_range
+        )
         if not low < high:
             raise ValueError(
                 f"log_l2_range must be (low, high) with low < high; got "
@@ -131,8 +134,7 @@ class DrMADOracle(keras_tuner.Oracle):
     def __init__(self, objective="val_error", max_trials=10, **kwargs):
         if isinstance(objective, str):
             objective = keras_tuner.Objective(objective, direction="min")
-        super().__init__(objective=objective, max_trials=max_trials,
-                         **kwargs)
+        super().__init__(objective=objective, max_trials=max_trials, **kwargs)
 
     def last_completed_trial(self, before=None):
         """The latest completed trial in start order, or None.
@@ -182,7 +184,8 @@ class _ChainHyperModel(keras_tuner.HyperModel):
             self._config = keras.saving.serialize_keras_object(source)
             # Deserializing consumes the config: hand it a copy each time.
             self._user_build = lambda hp: keras.saving.deserialize_keras_object(
-                copy.deepcopy(self._config))
+                copy.deepcopy(self._config)
+            )
         elif isinstance(source, keras_tuner.HyperModel):
             self._user_build = source.build
         elif callable(source):
@@ -216,8 +219,12 @@ class _ChainHyperModel(keras_tuner.HyperModel):
             )
         low, high = self.log_l2_range
         for reg in regs:
-            hp.Float(reg.hp_name, min_value=low, max_value=high,
-                     default=float(np.clip(reg.init_log_l2, low, high)))
+            hp.Float(
+                reg.hp_name,
+                min_value=low,
+                max_value=high,
+                default=float(np.clip(reg.init_log_l2, low, high)),
+            )
         return model
 
 
@@ -256,30 +263,47 @@ class DrMADTuner(keras_tuner.Tuner):
             `project_name`, `overwrite`, ...).
     """
 
-    def __init__(self, hypermodel, max_trials=10, objective="val_error",
-                 method="drmad", curvature=None, reverse_steps=None,
-                 meta_optimizer="adam", meta_learning_rate=0.1,
-                 log_l2_range=(-12.0, 2.0), redraw_init=False,
-                 reshuffle=False, seed=0, max_growth=1e6, **kwargs):
+    def __init__(
+        self,
+        hypermodel,
+        max_trials=10,
+        objective="val_error",
+        method="drmad",
+        curvature=None,
+        reverse_steps=None,
+        meta_optimizer="adam",
+        meta_learning_rate=0.1,
+        log_l2_range=(-12.0, 2.0),
+        redraw_init=False,
+        reshuffle=False,
+        seed=0,
+        max_growth=1e6,
+        **kwargs,
+    ):
         checks.positive_int("max_trials", max_trials)
-        checks.one_of("objective", objective,
-                      ("val_error", "val_loss", "hset_loss"))
+        checks.one_of(
+            "objective", objective, ("val_error", "val_loss", "hset_loss")
+        )
         self.method = checks.one_of("method", method, reverse.METHODS)
         if curvature is not None:
             checks.one_of("curvature", curvature, reverse.CURVATURES)
         self.curvature = curvature
         if reverse_steps is not None:
-            reverse_steps = checks.positive_int("reverse_steps",
-                                                reverse_steps)
+            reverse_steps = checks.positive_int("reverse_steps", reverse_steps)
         self.reverse_steps = reverse_steps
         self.meta_optimizer = MetaOptimizer(
-            meta_optimizer, meta_learning_rate, log_l2_range)
+            meta_optimizer, meta_learning_rate, log_l2_range
+        )
         self.reshuffle = bool(reshuffle)
         self.seed = int(seed)
         self.max_growth = checks.positive_float("max_growth", max_growth)
         oracle = DrMADOracle(objective=objective, max_trials=max_trials)
-        chain = _ChainHyperModel(hypermodel, self.meta_optimizer.log_l2_range,
-                                 self.seed, bool(redraw_init))
+        chain = _ChainHyperModel(
+            hypermodel,
+            self.meta_optimizer.log_l2_range,
+            self.seed,
+            bool(redraw_init),
+        )
         super().__init__(oracle=oracle, hypermodel=chain, **kwargs)
 
     def search(self, *fit_args, verbose="auto", **fit_kwargs):
@@ -300,8 +324,18 @@ class DrMADTuner(keras_tuner.Tuner):
 
     # One episode -------------------------------------------------------------
 
-    def run_trial(self, trial, x, y, hyper_data, validation_data,
-                  batch_size=50, steps=None, epochs=1, callbacks=None):
+    def run_trial(
+        self,
+        trial,
+        x,
+        y,
+        hyper_data,
+        validation_data,
+        batch_size=50,
+        steps=None,
+        epochs=1,
+        callbacks=None,
+    ):
         """Runs one episode; returns its metrics for the oracle.
 
         Args:
@@ -338,20 +372,36 @@ class DrMADTuner(keras_tuner.Tuner):
 
         # Meta-forward on ESet, meta-backward on HSet.
         seed = self.seed + (episode if self.reshuffle else 0)
-        model.fit(x, y, batch_size=batch_size, steps=steps, epochs=epochs,
-                  seed=seed, record_trajectory=self.method == "exact",
-                  verbose=verbose, callbacks=callbacks)
+        model.fit(
+            x,
+            y,
+            batch_size=batch_size,
+            steps=steps,
+            epochs=epochs,
+            seed=seed,
+            record_trajectory=self.method == "exact",
+            verbose=verbose,
+            callbacks=callbacks,
+        )
         result = model.hypergradient(
-            x_h, y_h, method=self.method, curvature=self.curvature,
-            reverse_steps=self.reverse_steps, max_growth=self.max_growth,
+            x_h,
+            y_h,
+            method=self.method,
+            curvature=self.curvature,
+            reverse_steps=self.reverse_steps,
+            max_growth=self.max_growth,
             verbose=verbose,
         )
 
         # Meta step.
-        state = {k[len("opt/"):]: v for k, v in (previous or {}).items()
-                 if k.startswith("opt/")}
+        state = {
+            k[len("opt/") :]: v
+            for k, v in (previous or {}).items()
+            if k.startswith("opt/")
+        }
         next_values, next_state = self.meta_optimizer.step(
-            values, result.grads, state)
+            values, result.grads, state
+        )
 
         val_loss, val_error = model.evaluate_split(x_v, y_v)
         self.save_model(trial.trial_id, model)
@@ -359,13 +409,21 @@ class DrMADTuner(keras_tuner.Tuner):
         arrays.update({f"grad/{k}": v for k, v in result.grads.items()})
         arrays.update({f"next/{k}": v for k, v in next_values.items()})
         arrays.update({f"opt/{k}": v for k, v in next_state.items()})
-        arrays["theta_0_norm"] = np.asarray(float(np.sqrt(sum(
-            np.sum(np.square(t)) for t in model.last_run.theta_0))))
-        save_episode(os.path.join(self.get_trial_dir(trial.trial_id),
-                                  EPISODE_FILE), arrays)
+        arrays["theta_0_norm"] = np.asarray(
+            float(
+                np.sqrt(
+                    sum(np.sum(np.square(t)) for t in model.last_run.theta_0)
+                )
+            )
+        )
+        save_episode(
+            os.path.join(self.get_trial_dir(trial.trial_id), EPISODE_FILE),
+            arrays,
+        )
 
-        grad_norm = float(np.sqrt(sum(
-            np.sum(np.square(g)) for g in result.grads.values())))
+        grad_norm = float(
+            np.sqrt(sum(np.sum(np.square(g)) for g in result.grads.values()))
+        )
         metrics = {
             "val_error": val_error,
             "val_loss": val_loss,
@@ -385,8 +443,7 @@ class DrMADTuner(keras_tuner.Tuner):
         previous = self.oracle.last_completed_trial(before=trial_id)
         if previous is None:
             return None
-        path = os.path.join(self.get_trial_dir(previous.trial_id),
-                            EPISODE_FILE)
+        path = os.path.join(self.get_trial_dir(previous.trial_id), EPISODE_FILE)
         return load_episode(path) if os.path.exists(path) else None
 
     def _start_values(self, model, hp, previous):
@@ -399,14 +456,16 @@ class DrMADTuner(keras_tuner.Tuner):
                 values[reg.hp_name] = previous[key]
             else:
                 values[reg.hp_name] = np.full(
-                    reg.log_l2.shape, hp.get(reg.hp_name))
+                    reg.log_l2.shape, hp.get(reg.hp_name)
+                )
         return values
 
     def save_model(self, trial_id, model, step=0):
         """Saves the weights (with `log_l2`) and the build config."""
         model.save_weights(self._get_checkpoint_fname(trial_id))
-        write_json(self._get_build_config_fname(trial_id),
-                   model.get_build_config())
+        write_json(
+            self._get_build_config_fname(trial_id), model.get_build_config()
+        )
 
     # Results -----------------------------------------------------------------
 
@@ -437,8 +496,9 @@ class DrMADTuner(keras_tuner.Tuner):
 
     def episode_arrays(self, trial_id):
         """The arrays saved with one episode (start, grad, next, opt)."""
-        return load_episode(os.path.join(self.get_trial_dir(trial_id),
-                                         EPISODE_FILE))
+        return load_episode(
+            os.path.join(self.get_trial_dir(trial_id), EPISODE_FILE)
+        )
 
 
 def _pair(name, value):
@@ -449,7 +509,7 @@ def _pair(name, value):
 
 def _episode_line(episode, values, metrics):
     l2 = " ".join(
-        f"{name[len('log_l2_'):]}={float(np.mean(v)):+.3f}"
+        f"{name[len('log_l2_') :]}={float(np.mean(v)):+.3f}"
         for name, v in values.items()
     )
     return (

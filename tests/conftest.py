@@ -40,5 +40,9 @@ def small_mnist():
     x = x[order][:, ::8] / 255.0
     y = y[order].astype("int64")
     x = x - x[:400].mean(axis=0)
-    return {"x_e": x[:400], "y_e": y[:400], "x_h": x[400:600],
-            "y_h": y[400:600]}
+    return {
+        "x_e": x[:400],
+        "y_e": y[:400],
+        "x_h": x[400:600],
+        "y_h": y[400:600],
+    }

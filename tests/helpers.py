@@ -5,8 +5,15 @@ import keras
 import drmad_keras
 
 
-def mlp(inputs, hidden, granularity="layer", init_log_l2=-3.0, alpha=0.1,
-        gamma=0.9, activation="tanh"):
+def mlp(
+    inputs,
+    hidden,
+    granularity="layer",
+    init_log_l2=-3.0,
+    alpha=0.1,
+    gamma=0.9,
+    activation="tanh",
+):
     """A compiled DrMADModel MLP with every Dense layer regularized."""
     x_in = keras.Input((inputs,))
     h = x_in

@@ -9,8 +9,12 @@ from drmad_keras import data
 
 def test_sample_splits():
     splits = data.load("mnist_sample", seed=0)
-    assert splits.sizes() == {"eset": 2000, "hset": 1000, "vset": 1000,
-                              "test": 1000}
+    assert splits.sizes() == {
+        "eset": 2000,
+        "hset": 1000,
+        "vset": 1000,
+        "test": 1000,
+    }
     x_e, y_e = splits.eset
     assert x_e.shape == (2000, 784) and x_e.dtype == np.float32
     # Centred with ESet statistics: ESet's pixel means are zero.

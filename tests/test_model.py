@@ -14,8 +14,14 @@ from drmad_keras import reverse
 def _hset_loss_after_fit(model, data, theta_0, log_l2, steps, seed):
     model.set_log_l2(log_l2)
     reset_to(model, theta_0)
-    model.fit(data["x_e"], data["y_e"], batch_size=16, steps=steps,
-              seed=seed, verbose=0)
+    model.fit(
+        data["x_e"],
+        data["y_e"],
+        batch_size=16,
+        steps=steps,
+        seed=seed,
+        verbose=0,
+    )
     return model.evaluate_split(data["x_h"], data["y_h"])[0]
 
 
@@ -23,21 +29,31 @@ def _hset_loss_after_fit(model, data, theta_0, log_l2, steps, seed):
 def test_exact_matches_finite_differences(small_mnist, float64, granularity):
     model = mlp(98, [6], granularity=granularity, init_log_l2=-2.0)
     steps, seed = 15, 3
-    model.fit(small_mnist["x_e"], small_mnist["y_e"], batch_size=16,
-              steps=steps, seed=seed, record_trajectory=True, verbose=0)
+    model.fit(
+        small_mnist["x_e"],
+        small_mnist["y_e"],
+        batch_size=16,
+        steps=steps,
+        seed=seed,
+        record_trajectory=True,
+        verbose=0,
+    )
     theta_0 = model.last_run.theta_0
     start = model.get_log_l2()
-    result = model.hypergradient(small_mnist["x_h"], small_mnist["y_h"],
-                                 method="exact", verbose=0)
+    result = model.hypergradient(
+        small_mnist["x_h"], small_mnist["y_h"], method="exact", verbose=0
+    )
     assert result.method == "exact" and result.curvature == "hessian"
 
     # Central differences, retraining from the same theta_0 and batch order.
     eps = 1e-4
     rng = np.random.default_rng(0)
     for name, value in start.items():
-        coords = [()] if value.ndim == 0 else [
-            (int(i),) for i in rng.choice(value.size, 4, replace=False)
-        ]
+        coords = (
+            [()]
+            if value.ndim == 0
+            else [(int(i),) for i in rng.choice(value.size, 4, replace=False)]
+        )
         for c in coords:
             plus, minus = dict(start), dict(start)
             plus[name] = value.copy()
@@ -45,10 +61,12 @@ def test_exact_matches_finite_differences(small_mnist, float64, granularity):
             minus[name] = value.copy()
             minus[name][c] -= eps
             fd = (
-                _hset_loss_after_fit(model, small_mnist, theta_0, plus,
-                                     steps, seed)
-                - _hset_loss_after_fit(model, small_mnist, theta_0, minus,
-                                       steps, seed)
+                _hset_loss_after_fit(
+                    model, small_mnist, theta_0, plus, steps, seed
+                )
+                - _hset_loss_after_fit(
+                    model, small_mnist, theta_0, minus, steps, seed
+                )
             ) / (2 * eps)
             got = result.grads[name][c]
             assert abs(got - fd) <= 0.02 * abs(fd) + 1e-9, (name, c, got, fd)
@@ -62,16 +80,27 @@ def _cosine(a, b):
 
 def test_drmad_gauss_newton_agrees_with_exact(small_mnist):
     model = mlp(98, [20, 20], init_log_l2=-4.0, alpha=0.1, gamma=0.9)
-    model.fit(small_mnist["x_e"], small_mnist["y_e"], batch_size=20,
-              steps=200, seed=0, record_trajectory=True, verbose=0)
-    exact = model.hypergradient(small_mnist["x_h"], small_mnist["y_h"],
-                                method="exact", verbose=0)
+    model.fit(
+        small_mnist["x_e"],
+        small_mnist["y_e"],
+        batch_size=20,
+        steps=200,
+        seed=0,
+        record_trajectory=True,
+        verbose=0,
+    )
+    exact = model.hypergradient(
+        small_mnist["x_h"], small_mnist["y_h"], method="exact", verbose=0
+    )
     cosines = {}
     for curvature in ["gauss_newton", "hessian"]:
         try:
             result = model.hypergradient(
-                small_mnist["x_h"], small_mnist["y_h"], method="drmad",
-                curvature=curvature, verbose=0,
+                small_mnist["x_h"],
+                small_mnist["y_h"],
+                method="drmad",
+                curvature=curvature,
+                verbose=0,
             )
             cosines[curvature] = _cosine(result.grads, exact.grads)
         except drmad_keras.DivergenceError as error:
@@ -82,10 +111,16 @@ def test_drmad_gauss_newton_agrees_with_exact(small_mnist):
 
 def test_default_curvature_of_drmad_is_gauss_newton(small_mnist):
     model = mlp(98, [4])
-    model.fit(small_mnist["x_e"], small_mnist["y_e"], batch_size=20,
-              steps=5, verbose=0)
-    result = model.hypergradient(small_mnist["x_h"], small_mnist["y_h"],
-                                 verbose=0)
+    model.fit(
+        small_mnist["x_e"],
+        small_mnist["y_e"],
+        batch_size=20,
+        steps=5,
+        verbose=0,
+    )
+    result = model.hypergradient(
+        small_mnist["x_h"], small_mnist["y_h"], verbose=0
+    )
     assert (result.method, result.curvature) == ("drmad", "gauss_newton")
     assert set(result.grads) == {"log_l2_h0", "log_l2_out"}
     assert np.isfinite(result.hset_loss)
@@ -111,8 +146,9 @@ def _numpy_reference(x, y, weights, log_l2, index, alpha, gamma):
 
 
 def test_train_step_and_fit_follow_the_recurrences(small_mnist, float64):
-    model = mlp(98, [], granularity="unit", init_log_l2=-3.0, alpha=0.3,
-                gamma=0.8)
+    model = mlp(
+        98, [], granularity="unit", init_log_l2=-3.0, alpha=0.3, gamma=0.8
+    )
     x, y = small_mnist["x_e"], small_mnist["y_e"]
     model(x[:1])
     log_l2 = np.linspace(-4.0, -1.0, 98)
@@ -123,34 +159,55 @@ def test_train_step_and_fit_follow_the_recurrences(small_mnist, float64):
 
     # The compiled loop of fit.
     model.fit(x, y, batch_size=25, steps=7, seed=5, verbose=0)
-    np.testing.assert_allclose(model.trainable_variables[0], want_w,
-                               rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(model.trainable_variables[1], want_b,
-                               rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(
+        model.trainable_variables[0], want_w, rtol=1e-9, atol=1e-12
+    )
+    np.testing.assert_allclose(
+        model.trainable_variables[1], want_b, rtol=1e-9, atol=1e-12
+    )
 
     # train_step, one batch at a time, through Keras' own SGD equivalence.
     reset_to(model, start)
     for rows in index:
         model.train_on_batch(x[rows], y[rows])
     # Keras keeps the optimizer's learning rate in float32: looser tolerance.
-    np.testing.assert_allclose(model.trainable_variables[0], want_w,
-                               rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(
+        model.trainable_variables[0], want_w, rtol=1e-5, atol=1e-8
+    )
 
 
 def test_fit_is_reproducible_from_seed_and_weights(small_mnist):
     model = mlp(98, [8])
     start = [tf.identity(v) for v in model.trainable_variables]
-    model.fit(small_mnist["x_e"], small_mnist["y_e"], batch_size=32,
-              steps=30, seed=9, verbose=0)
+    model.fit(
+        small_mnist["x_e"],
+        small_mnist["y_e"],
+        batch_size=32,
+        steps=30,
+        seed=9,
+        verbose=0,
+    )
     first = [v.numpy() for v in model.trainable_variables]
     reset_to(model, start)
-    model.fit(small_mnist["x_e"], small_mnist["y_e"], batch_size=32,
-              steps=30, seed=9, verbose=0)
+    model.fit(
+        small_mnist["x_e"],
+        small_mnist["y_e"],
+        batch_size=32,
+        steps=30,
+        seed=9,
+        verbose=0,
+    )
     for a, b in zip(first, model.trainable_variables):
         np.testing.assert_array_equal(a, b.numpy())
     reset_to(model, start)
-    model.fit(small_mnist["x_e"], small_mnist["y_e"], batch_size=32,
-              steps=30, seed=10, verbose=0)
+    model.fit(
+        small_mnist["x_e"],
+        small_mnist["y_e"],
+        batch_size=32,
+        steps=30,
+        seed=10,
+        verbose=0,
+    )
     assert not np.array_equal(first[0], model.trainable_variables[0])
 
 
@@ -159,8 +216,14 @@ def test_drmad_holds_no_trajectory(small_mnist):
     held = {}
     for steps in (10, 80):
         for record in (False, True):
-            model.fit(small_mnist["x_e"], small_mnist["y_e"], batch_size=20,
-                      steps=steps, record_trajectory=record, verbose=0)
+            model.fit(
+                small_mnist["x_e"],
+                small_mnist["y_e"],
+                batch_size=20,
+                steps=steps,
+                record_trajectory=record,
+                verbose=0,
+            )
             held[steps, record] = model.last_run.held_bytes()
     params = sum(int(np.prod(v.shape)) * 4 for v in model.trainable_variables)
     # theta_0 and theta_T only, whatever T is.
@@ -168,47 +231,90 @@ def test_drmad_holds_no_trajectory(small_mnist):
     # The stored trajectory of exact grows as T copies.
     assert held[80, True] - held[80, False] == 80 * params
     # And drmad runs without it.
-    result = model.hypergradient(small_mnist["x_h"], small_mnist["y_h"],
-                                 verbose=0)
+    result = model.hypergradient(
+        small_mnist["x_h"], small_mnist["y_h"], verbose=0
+    )
     assert model.last_run.trajectory is not None
     model.last_run.trajectory = None
-    again = model.hypergradient(small_mnist["x_h"], small_mnist["y_h"],
-                                verbose=0)
+    again = model.hypergradient(
+        small_mnist["x_h"], small_mnist["y_h"], verbose=0
+    )
     for name in result.grads:
-        np.testing.assert_allclose(again.grads[name], result.grads[name],
-                                   rtol=1e-5)
+        np.testing.assert_allclose(
+            again.grads[name], result.grads[name], rtol=1e-5
+        )
 
 
-def test_short_reverse_pass_uses_the_batches_of_its_steps(small_mnist,
-                                                          float64):
+def test_short_reverse_pass_uses_the_batches_of_its_steps(small_mnist, float64):
     model = mlp(98, [6], init_log_l2=-2.0)
     steps, short = 30, 8
-    model.fit(small_mnist["x_e"], small_mnist["y_e"], batch_size=16,
-              steps=steps, seed=4, record_trajectory=True, verbose=0)
+    model.fit(
+        small_mnist["x_e"],
+        small_mnist["y_e"],
+        batch_size=16,
+        steps=steps,
+        seed=4,
+        record_trajectory=True,
+        verbose=0,
+    )
     run = model.last_run
     objective = model.objective()
-    _, d_theta = reverse.hset_gradient(objective, run.theta_T,
-                                       tf.constant(small_mnist["x_h"]),
-                                       tf.constant(small_mnist["y_h"]))
+    _, d_theta = reverse.hset_gradient(
+        objective,
+        run.theta_T,
+        tf.constant(small_mnist["x_h"]),
+        tf.constant(small_mnist["y_h"]),
+    )
     index = run.batch_order()
     truncated, _ = reverse.meta_backward(
-        objective, run.theta_0, run.theta_T, run.log_l2, run.x, run.y, index,
-        run.alpha, run.gamma, d_theta, method="exact", curvature="hessian",
-        reverse_steps=short, trajectory=run.trajectory,
+        objective,
+        run.theta_0,
+        run.theta_T,
+        run.log_l2,
+        run.x,
+        run.y,
+        index,
+        run.alpha,
+        run.gamma,
+        d_theta,
+        method="exact",
+        curvature="hessian",
+        reverse_steps=short,
+        trajectory=run.trajectory,
     )
     # The same thing as a whole reverse pass over a run that starts at
     # step T - short with the remaining batches.
-    tail = [t[steps - short:] for t in run.trajectory]
+    tail = [t[steps - short :] for t in run.trajectory]
     whole, _ = reverse.meta_backward(
-        objective, [t[0] for t in tail], run.theta_T, run.log_l2, run.x,
-        run.y, index[steps - short:], run.alpha, run.gamma, d_theta,
-        method="exact", curvature="hessian", trajectory=tail,
+        objective,
+        [t[0] for t in tail],
+        run.theta_T,
+        run.log_l2,
+        run.x,
+        run.y,
+        index[steps - short :],
+        run.alpha,
+        run.gamma,
+        d_theta,
+        method="exact",
+        curvature="hessian",
+        trajectory=tail,
     )
     for a, b in zip(truncated, whole):
         np.testing.assert_allclose(a, b, rtol=1e-10)
     full, _ = reverse.meta_backward(
-        objective, run.theta_0, run.theta_T, run.log_l2, run.x, run.y, index,
-        run.alpha, run.gamma, d_theta, method="exact", curvature="hessian",
+        objective,
+        run.theta_0,
+        run.theta_T,
+        run.log_l2,
+        run.x,
+        run.y,
+        index,
+        run.alpha,
+        run.gamma,
+        d_theta,
+        method="exact",
+        curvature="hessian",
         trajectory=run.trajectory,
     )
     assert not np.allclose(full[0], truncated[0])
@@ -216,43 +322,80 @@ def test_short_reverse_pass_uses_the_batches_of_its_steps(small_mnist,
 
 def test_exploding_reverse_pass_is_reported(small_mnist):
     model = mlp(98, [20], alpha=0.1, gamma=0.9)
-    model.fit(small_mnist["x_e"], small_mnist["y_e"], batch_size=20,
-              steps=20, seed=0, verbose=0)
+    model.fit(
+        small_mnist["x_e"],
+        small_mnist["y_e"],
+        batch_size=20,
+        steps=20,
+        seed=0,
+        verbose=0,
+    )
     # Any growth of the reverse state's norm beyond max_growth is refused.
     with pytest.raises(drmad_keras.DivergenceError, match="norm") as info:
-        model.hypergradient(small_mnist["x_h"], small_mnist["y_h"],
-                            curvature="hessian", max_growth=0.5, verbose=0)
+        model.hypergradient(
+            small_mnist["x_h"],
+            small_mnist["y_h"],
+            curvature="hessian",
+            max_growth=0.5,
+            verbose=0,
+        )
     assert info.value.phase == "meta-backward"
 
 
 def test_non_finite_reverse_pass_is_reported(small_mnist):
     model = mlp(98, [20])
-    model.fit(small_mnist["x_e"], small_mnist["y_e"], batch_size=20,
-              steps=20, seed=0, verbose=0)
+    model.fit(
+        small_mnist["x_e"],
+        small_mnist["y_e"],
+        batch_size=20,
+        steps=20,
+        seed=0,
+        verbose=0,
+    )
     run = model.last_run
     d_theta = [tf.fill(w.shape, np.inf) for w in run.theta_T]
     with pytest.raises(drmad_keras.DivergenceError, match="non-finite"):
         reverse.meta_backward(
-            model.objective(), run.theta_0, run.theta_T, run.log_l2, run.x,
-            run.y, run.batch_order(), run.alpha, run.gamma, d_theta,
+            model.objective(),
+            run.theta_0,
+            run.theta_T,
+            run.log_l2,
+            run.x,
+            run.y,
+            run.batch_order(),
+            run.alpha,
+            run.gamma,
+            d_theta,
         )
 
 
 def test_diverging_training_is_reported(small_mnist):
     model = mlp(98, [20], alpha=500.0, gamma=0.9, activation="relu")
     with pytest.raises(drmad_keras.DivergenceError, match="non-finite"):
-        model.fit(small_mnist["x_e"] * 100, small_mnist["y_e"],
-                  batch_size=20, steps=200, verbose=0)
+        model.fit(
+            small_mnist["x_e"] * 100,
+            small_mnist["y_e"],
+            batch_size=20,
+            steps=200,
+            verbose=0,
+        )
     assert model.last_run is None
 
 
 def test_end_to_end_one_meta_step_lowers_the_hset_loss(small_mnist):
     model = mlp(98, [16], init_log_l2=-2.0, alpha=0.3)
     theta_0 = [tf.identity(v) for v in model.trainable_variables]
-    model.fit(small_mnist["x_e"], small_mnist["y_e"], batch_size=20,
-              steps=60, seed=1, verbose=0)
-    result = model.hypergradient(small_mnist["x_h"], small_mnist["y_h"],
-                                 verbose=0)
+    model.fit(
+        small_mnist["x_e"],
+        small_mnist["y_e"],
+        batch_size=20,
+        steps=60,
+        seed=1,
+        verbose=0,
+    )
+    result = model.hypergradient(
+        small_mnist["x_h"], small_mnist["y_h"], verbose=0
+    )
     stepped = {
         name: model.get_log_l2()[name] - 0.5 * np.sign(g)
         for name, g in result.grads.items()
@@ -266,9 +409,11 @@ def test_subclassed_model(small_mnist):
         def __init__(self):
             super().__init__()
             self.hidden = drmad_keras.HyperRegularizer(
-                keras.layers.Dense(8, activation="tanh", name="hidden"))
+                keras.layers.Dense(8, activation="tanh", name="hidden")
+            )
             self.out = drmad_keras.HyperRegularizer(
-                keras.layers.Dense(10, name="logits"), granularity="unit")
+                keras.layers.Dense(10, name="logits"), granularity="unit"
+            )
 
         def call(self, x):
             return self.out(self.hidden(x))
@@ -278,10 +423,16 @@ def test_subclassed_model(small_mnist):
         optimizer=drmad_keras.MomentumSGD(0.1, 0.9),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
-    model.fit(small_mnist["x_e"], small_mnist["y_e"], batch_size=20,
-              steps=10, verbose=0)
-    result = model.hypergradient(small_mnist["x_h"], small_mnist["y_h"],
-                                 verbose=0)
+    model.fit(
+        small_mnist["x_e"],
+        small_mnist["y_e"],
+        batch_size=20,
+        steps=10,
+        verbose=0,
+    )
+    result = model.hypergradient(
+        small_mnist["x_h"], small_mnist["y_h"], verbose=0
+    )
     assert set(result.grads) == {"log_l2_hidden", "log_l2_logits"}
     assert result.grads["log_l2_logits"].shape == (8,)
     assert np.all(np.isfinite(result.grads["log_l2_logits"]))

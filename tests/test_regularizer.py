@@ -18,8 +18,9 @@ import drmad_keras
 @pytest.mark.parametrize("granularity", ["layer", "unit"])
 def test_penalty_values(layer, shape, axes, granularity):
     layer = layer()
-    reg = drmad_keras.HyperRegularizer(layer, init_log_l2=-1.5,
-                                       granularity=granularity)
+    reg = drmad_keras.HyperRegularizer(
+        layer, init_log_l2=-1.5, granularity=granularity
+    )
     reg(np.zeros((1,) + shape, "float32"))
     kernel = layer.kernel.numpy()
     fan_in = kernel.shape[-2]
@@ -30,8 +31,9 @@ def test_penalty_values(layer, shape, axes, granularity):
     reg.log_l2.assign(np.log(lam))
     per_unit = np.sum(kernel**2, axis=axes)
     want = lam * per_unit.sum() if granularity == "layer" else lam @ per_unit
-    np.testing.assert_allclose(float(reg.penalty(reg.kernel, reg.log_l2)),
-                               want, rtol=1e-5)
+    np.testing.assert_allclose(
+        float(reg.penalty(reg.kernel, reg.log_l2)), want, rtol=1e-5
+    )
     # The penalty also reaches the layer's losses, as Keras users expect.
     reg(np.zeros((1,) + shape, "float32"))
     assert len(reg.losses) == 1
@@ -78,7 +80,8 @@ def test_model_saves_and_loads(tmp_path):
     model.save(path)
     loaded = keras.models.load_model(path)
     assert isinstance(loaded, drmad_keras.DrMADModel)
-    np.testing.assert_allclose(loaded.get_log_l2()["log_l2_h0"],
-                               np.arange(7.0) - 5)
+    np.testing.assert_allclose(
+        loaded.get_log_l2()["log_l2_h0"], np.arange(7.0) - 5
+    )
     assert loaded.optimizer.alpha == pytest.approx(0.1)
     assert loaded.optimizer.gamma == pytest.approx(0.9)

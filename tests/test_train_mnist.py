@@ -9,15 +9,26 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bin", "train_mnist")
-TINY = ["--episodes=2", "--steps=20", "--hidden=8,8", "--eset=200",
-        "--hset=100", "--vset=100", "--test=100", "--batch_size=20"]
+TINY = [
+    "--episodes=2",
+    "--steps=20",
+    "--hidden=8,8",
+    "--eset=200",
+    "--hset=100",
+    "--vset=100",
+    "--test=100",
+    "--batch_size=20",
+]
 
 
 def run_script(*args, timeout=300):
     env = dict(os.environ, PYTHONPATH=ROOT)
     return subprocess.run(
-        [sys.executable, SCRIPT, *args], capture_output=True, text=True,
-        env=env, timeout=timeout,
+        [sys.executable, SCRIPT, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
     )
 
 
@@ -32,8 +43,11 @@ def test_end_to_end_writes_its_files(tmp_path):
     assert [e["episode"] for e in results["episodes"]] == [0, 1]
     assert results["config"]["hidden"] == [8, 8]
     for row in results["episodes"]:
-        assert set(row["log_l2"]) == {"log_l2_hidden1", "log_l2_hidden2",
-                                      "log_l2_logits"}
+        assert set(row["log_l2"]) == {
+            "log_l2_hidden1",
+            "log_l2_hidden2",
+            "log_l2_logits",
+        }
         assert 0.0 <= row["val_error"] <= 1.0
     assert 0.0 <= results["best"]["test_error"] <= 1.0
     for name in ("log_l2.png", "losses.png"):
@@ -67,8 +81,11 @@ def test_end_to_end_writes_its_files(tmp_path):
 def test_bad_flags_exit_2_with_one_line(tmp_path, args, flag):
     done = run_script(*args, f"--output_dir={tmp_path}", timeout=120)
     assert done.returncode == 2
-    errors = [line for line in done.stderr.splitlines()
-              if line.startswith("train_mnist: error:")]
+    errors = [
+        line
+        for line in done.stderr.splitlines()
+        if line.startswith("train_mnist: error:")
+    ]
     assert len(errors) == 1 and flag in errors[0], done.stderr
     assert "Traceback" not in done.stderr
 

@@ -12,19 +12,29 @@ from drmad_keras import tuner as tuner_lib
 FIT = {"batch_size": 20, "steps": 25, "verbose": 0}
 
 
-def _search(small_mnist, directory, max_trials, granularity="layer",
-            overwrite=True, **kwargs):
+def _search(
+    small_mnist,
+    directory,
+    max_trials,
+    granularity="layer",
+    overwrite=True,
+    **kwargs,
+):
     tuner = tuner_lib.DrMADTuner(
         lambda hp: mlp(98, [8], granularity=granularity, init_log_l2=-2.0),
-        max_trials=max_trials, directory=directory, project_name="chain",
-        overwrite=overwrite, meta_learning_rate=0.3, **kwargs,
+        max_trials=max_trials,
+        directory=directory,
+        project_name="chain",
+        overwrite=overwrite,
+        meta_learning_rate=0.3,
+        **kwargs,
     )
     half = len(small_mnist["x_h"]) // 2
     tuner.search(
-        small_mnist["x_e"], small_mnist["y_e"],
+        small_mnist["x_e"],
+        small_mnist["y_e"],
         hyper_data=(small_mnist["x_h"][:half], small_mnist["y_h"][:half]),
-        validation_data=(small_mnist["x_h"][half:],
-                         small_mnist["y_h"][half:]),
+        validation_data=(small_mnist["x_h"][half:], small_mnist["y_h"][half:]),
         **FIT,
     )
     return tuner
@@ -40,13 +50,17 @@ def test_each_trial_starts_where_the_last_ended(small_mnist, tmp_path):
     arrays, trials = _start_and_next(tuner)
     assert [t.status for t in trials] == ["COMPLETED"] * 3
     assert trials[0].hyperparameters.values == {
-        "log_l2_h0": -2.0, "log_l2_out": -2.0}
+        "log_l2_h0": -2.0,
+        "log_l2_out": -2.0,
+    }
     for before, after, trial in zip(arrays, arrays[1:], trials[1:]):
         for name in ("log_l2_h0", "log_l2_out"):
-            np.testing.assert_allclose(after[f"start/{name}"],
-                                       before[f"next/{name}"], rtol=1e-6)
+            np.testing.assert_allclose(
+                after[f"start/{name}"], before[f"next/{name}"], rtol=1e-6
+            )
             assert trial.hyperparameters.get(name) == pytest.approx(
-                float(before[f"next/{name}"]), rel=1e-6)
+                float(before[f"next/{name}"]), rel=1e-6
+            )
             assert before[f"next/{name}"] != before[f"start/{name}"]
     # theta_0 is the same in every episode by default.
     norms = [float(a["theta_0_norm"]) for a in arrays]
@@ -57,8 +71,10 @@ def test_each_trial_starts_where_the_last_ended(small_mnist, tmp_path):
 def test_best_models_and_hyperparameters(small_mnist, tmp_path):
     tuner = _search(small_mnist, tmp_path, 3)
     best_trial = tuner.oracle.get_best_trials(1)[0]
-    errors = [tuner.oracle.trials[t].metrics.get_last_value("val_error")
-              for t in tuner.oracle.start_order]
+    errors = [
+        tuner.oracle.trials[t].metrics.get_last_value("val_error")
+        for t in tuner.oracle.start_order
+    ]
     assert best_trial.metrics.get_last_value("val_error") == min(errors)
     best_hp = tuner.get_best_hyperparameters()[0]
     assert best_hp.values == best_trial.hyperparameters.values
@@ -68,8 +84,9 @@ def test_best_models_and_hyperparameters(small_mnist, tmp_path):
     for name, value in model.get_log_l2().items():
         assert float(value) == pytest.approx(best_hp.get(name), rel=1e-6)
     half = len(small_mnist["x_h"]) // 2
-    _, error = model.evaluate_split(small_mnist["x_h"][half:],
-                                    small_mnist["y_h"][half:])
+    _, error = model.evaluate_split(
+        small_mnist["x_h"][half:], small_mnist["y_h"][half:]
+    )
     assert error == pytest.approx(min(errors))
     tuner.results_summary()
 
@@ -93,24 +110,35 @@ def test_per_unit_values_travel_with_the_trial(small_mnist, tmp_path):
     assert np.std(start_1) > 0
     # The scalar hyperparameter holds the mean of the unit values.
     assert trials[1].hyperparameters.get("log_l2_h0") == pytest.approx(
-        float(np.mean(start_1)), rel=1e-6)
+        float(np.mean(start_1)), rel=1e-6
+    )
     model = tuner.load_model(trials[1])
-    np.testing.assert_allclose(model.get_log_l2()["log_l2_h0"], start_1,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        model.get_log_l2()["log_l2_h0"], start_1, rtol=1e-6
+    )
 
 
 def test_compiled_model_instance(small_mnist, tmp_path):
     model = mlp(98, [8], init_log_l2=-2.5)
-    tuner = tuner_lib.DrMADTuner(model, max_trials=2, directory=tmp_path,
-                                 project_name="instance",
-                                 meta_optimizer="sign_sgd",
-                                 meta_learning_rate=0.5)
-    tuner.search(small_mnist["x_e"], small_mnist["y_e"],
-                 hyper_data=(small_mnist["x_h"], small_mnist["y_h"]),
-                 validation_data=(small_mnist["x_h"], small_mnist["y_h"]),
-                 **FIT)
-    values = [tuner.oracle.trials[t].hyperparameters.values
-              for t in tuner.oracle.start_order]
+    tuner = tuner_lib.DrMADTuner(
+        model,
+        max_trials=2,
+        directory=tmp_path,
+        project_name="instance",
+        meta_optimizer="sign_sgd",
+        meta_learning_rate=0.5,
+    )
+    tuner.search(
+        small_mnist["x_e"],
+        small_mnist["y_e"],
+        hyper_data=(small_mnist["x_h"], small_mnist["y_h"]),
+        validation_data=(small_mnist["x_h"], small_mnist["y_h"]),
+        **FIT,
+    )
+    values = [
+        tuner.oracle.trials[t].hyperparameters.values
+        for t in tuner.oracle.start_order
+    ]
     for name in ("log_l2_h0", "log_l2_out"):
         assert abs(values[1][name] - values[0][name]) == pytest.approx(0.5)
 
