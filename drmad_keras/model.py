@@ -252,9 +252,7 @@ class DrMADModel(keras.Model):
                 raise ValueError(f"{name} must be finite; got {value}.")
             var.assign(value)
 
-    def _check_ready(self, x):
-        if not self.built:
-            self(x[:1])
+    def _check_ready(self):
         if getattr(self, "_data_loss", None) is None:
             raise ValueError(
                 "compile the model with drmad_keras.MomentumSGD and a loss "
@@ -375,7 +373,7 @@ class DrMADModel(keras.Model):
                 len(x) // batch_size
             )
         steps = checks.positive_int("steps", steps)
-        self._check_ready(x)
+        self._check_ready()
         verbose = resolve_verbose(verbose)
 
         regs = self.hyper_regularizers
@@ -429,16 +427,42 @@ class DrMADModel(keras.Model):
         return history
 
     def _as_tensors(self, x, y):
+        """Converts and checks one split: sizes, values, shapes, labels."""
         if x is None or y is None:
             raise ValueError("fit and hypergradient need both x and y.")
-        x = tf.convert_to_tensor(np.asarray(x), dtype=self.compute_dtype)
+        try:
+            x = tf.convert_to_tensor(np.asarray(x), dtype=self.compute_dtype)
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"x must be an array of numbers: {error}") from None
         y = tf.convert_to_tensor(np.asarray(y))
-        if len(x) != len(y):
-            raise ValueError(f"x has {len(x)} examples but y has {len(y)}.")
+        if x.shape.rank == 0 or len(x) != len(y):
+            raise ValueError(
+                f"x and y must hold the same number of examples; got shapes "
+                f"{tuple(x.shape)} and {tuple(y.shape)}."
+            )
         if len(x) == 0:
             raise ValueError("x is empty.")
         if not bool(tf.reduce_all(tf.math.is_finite(x))):
             raise ValueError("x holds non-finite values (NaN or inf).")
+
+        # One example through the model: does the shape fit?
+        try:
+            outputs = self(x[:1])
+        except Exception as error:  # Keras raises many kinds here.
+            raise ValueError(
+                f"inputs of shape {tuple(x.shape)} do not fit the model: "
+                f"{str(error).splitlines()[0]}"
+            ) from None
+
+        # Integer labels index the outputs.
+        if y.dtype.is_integer and y.shape.rank == 1:
+            classes = outputs.shape[-1]
+            low, high = int(tf.reduce_min(y)), int(tf.reduce_max(y))
+            if low < 0 or high >= classes:
+                raise ValueError(
+                    f"labels must be in [0, {classes}) for a model with "
+                    f"{classes} outputs; got labels from {low} to {high}."
+                )
         return x, y
 
     # Meta-backward -----------------------------------------------------------

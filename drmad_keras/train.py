@@ -4,7 +4,9 @@
 and benchmarks build their own `Config`.
 """
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -140,49 +142,90 @@ def build_model(config, inputs=784, classes=10):
     return model
 
 
-def _check_output_dir(config):
-    """Creates the output directory, or raises naming what is wrong."""
-    out = config.output_dir
+def _writable(output_dir):
+    """Creates `output_dir`, or raises naming what is wrong."""
     try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f".write-test-{os.getpid()}")
+        os.makedirs(output_dir, exist_ok=True)
+        probe = os.path.join(output_dir, f".write-test-{os.getpid()}")
         with open(probe, "w", encoding="utf-8"):
             pass
         os.remove(probe)
     except OSError as error:
         raise ValueError(
-            f"output_dir {out!r} cannot be written: {error.strerror}."
+            f"output_dir {output_dir!r} cannot be written: {error.strerror}."
         ) from None
 
-    saved = os.path.join(out, "config.json")
-    if os.path.exists(saved):
-        with open(saved, encoding="utf-8") as f:
-            previous = json.load(f)
-        current = config.chain_settings()
-        changed = sorted(k for k in current if previous.get(k) != current[k])
-        if changed:
-            raise ValueError(
-                f"output_dir {out!r} holds a run with other settings "
-                f"({', '.join(changed)}); resume it with the same settings "
-                "or choose another output_dir."
-            )
-    else:
-        tuner_lib.write_json(saved, config.chain_settings())
+
+@contextlib.contextmanager
+def _exclusive(output_dir):
+    """Holds `output_dir` for this process; refuses a second one."""
+    lock = open(os.path.join(output_dir, ".lock"), "a+", encoding="utf-8")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise RuntimeError(
+            f"output_dir {output_dir!r} is in use by another run (pid "
+            f"{holder}); wait for it to finish or choose another output_dir."
+        ) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+
+
+def _check_settings(config):
+    """Refuses to continue a run made with other settings."""
+    saved = os.path.join(config.output_dir, "config.json")
+    current = config.chain_settings()
+    if not os.path.exists(saved):
+        tuner_lib.write_json(saved, current)
+        return
+    with open(saved, encoding="utf-8") as f:
+        previous = json.load(f)
+    changed = sorted(k for k in current if previous.get(k) != current[k])
+    if changed:
+        raise ValueError(
+            f"output_dir {config.output_dir!r} holds a run with other "
+            f"settings ({', '.join(changed)}); resume it with the same "
+            "settings or choose another output_dir."
+        )
 
 
 def run(config):
     """Runs the episodes of `config` and writes what they found.
 
     A run on an `output_dir` that already holds finished episodes continues
-    from the last of them.
+    from the last of them; a second process on the same `output_dir` is
+    refused while the first runs. `results.json` is written even when the
+    search stops on an error.
 
     Args:
         config: `Config`.
 
     Returns:
         dict: the content of `results.json`.
+
+    Raises:
+        ValueError: For an `output_dir` that cannot be written or holds a
+            run with other settings, and for bad data settings.
+        RuntimeError: If `output_dir` is in use, MNIST cannot be loaded, or
+            too many episodes in a row failed.
     """
-    _check_output_dir(config)
+    _writable(config.output_dir)
+    with _exclusive(config.output_dir):
+        _check_settings(config)
+        return _run_locked(config)
+
+
+def _run_locked(config):
     splits = data.load(
         config.source,
         sizes={
@@ -209,14 +252,24 @@ def run(config):
         project_name=PROJECT,
         overwrite=False,
     )
-    tuner.search(
-        *splits.eset,
-        hyper_data=splits.hset,
-        validation_data=splits.vset,
-        batch_size=config.batch_size,
-        steps=config.steps,
-        verbose=config.verbose,
-    )
+    try:
+        tuner.search(
+            *splits.eset,
+            hyper_data=splits.hset,
+            validation_data=splits.vset,
+            batch_size=config.batch_size,
+            steps=config.steps,
+            verbose=config.verbose,
+        )
+    except RuntimeError as error:
+        # keras-tuner stops after too many failed trials in a row; keep
+        # what finished and say where the reasons are.
+        write_outputs(summarize(tuner, splits, config), config.output_dir)
+        raise RuntimeError(
+            f"the search stopped: {error} The reason of each failed "
+            "episode is under 'message' in "
+            f"{os.path.join(config.output_dir, 'results.json')}."
+        ) from error
     results = summarize(tuner, splits, config)
     write_outputs(results, config.output_dir)
     if config.verbose != 0:

@@ -29,6 +29,8 @@ from drmad_keras.model import resolve_verbose
 
 META_OPTIMIZERS = ("adam", "sign_sgd")
 NEXT_PREFIX = "next_"
+# Every HyperRegularizer's hyperparameter name starts with this.
+HP_PREFIX = "log_l2_"
 EPISODE_FILE = "episode.npz"
 
 
@@ -362,12 +364,14 @@ class DrMADTuner(keras_tuner.Tuner):
         x_h, y_h = _pair("hyper_data", hyper_data)
         x_v, y_v = _pair("validation_data", validation_data)
 
-        # Build with the trial's log_l2 (per unit: the previous episode's).
+        # Where this episode starts; the trial records it (per unit: the
+        # mean), then the model is built with it.
+        values, state = self._episode_start(trial)
+        for name, value in values.items():
+            trial.hyperparameters.values[name] = float(np.mean(value))
         model = self._try_build(trial.hyperparameters)
         if not model.built:
             model(np.asarray(x[:1]))
-        previous = self._previous_episode(trial.trial_id)
-        values = self._start_values(model, trial.hyperparameters, previous)
         model.set_log_l2(values)
 
         # Meta-forward on ESet, meta-backward on HSet.
@@ -394,11 +398,6 @@ class DrMADTuner(keras_tuner.Tuner):
         )
 
         # Meta step.
-        state = {
-            k[len("opt/") :]: v
-            for k, v in (previous or {}).items()
-            if k.startswith("opt/")
-        }
         next_values, next_state = self.meta_optimizer.step(
             values, result.grads, state
         )
@@ -409,6 +408,7 @@ class DrMADTuner(keras_tuner.Tuner):
         arrays.update({f"grad/{k}": v for k, v in result.grads.items()})
         arrays.update({f"next/{k}": v for k, v in next_values.items()})
         arrays.update({f"opt/{k}": v for k, v in next_state.items()})
+        arrays.update({f"optprev/{k}": v for k, v in state.items()})
         arrays["theta_0_norm"] = np.asarray(
             float(
                 np.sqrt(
@@ -439,26 +439,51 @@ class DrMADTuner(keras_tuner.Tuner):
             print(_episode_line(episode, values, metrics))
         return metrics
 
-    def _previous_episode(self, trial_id):
-        previous = self.oracle.last_completed_trial(before=trial_id)
-        if previous is None:
-            return None
-        path = os.path.join(self.get_trial_dir(previous.trial_id), EPISODE_FILE)
-        return load_episode(path) if os.path.exists(path) else None
+    def _episode_start(self, trial):
+        """`log_l2` and meta-optimizer state that this episode starts from.
 
-    def _start_values(self, model, hp, previous):
-        """`log_l2` of this episode: the previous episode's full arrays if
-        there is one, else the hyperparameter values."""
-        values = {}
-        for reg in model.hyper_regularizers:
-            key = f"next/{reg.hp_name}"
-            if previous is not None and key in previous:
-                values[reg.hp_name] = previous[key]
-            else:
-                values[reg.hp_name] = np.full(
-                    reg.log_l2.shape, hp.get(reg.hp_name)
-                )
-        return values
+        After a completed episode: the values and state it ended with.
+        After episodes that failed since the last completed one: that
+        episode's meta step again, scaled down by half per failure, so that
+        the chain goes on from the last good values with a smaller step.
+        The first episode takes the hyperparameters' values.
+        """
+        order = list(self.oracle.start_order)
+        order = order[: order.index(trial.trial_id)]
+        last = self.oracle.last_completed_trial(before=trial.trial_id)
+        saved = None
+        if last is not None:
+            path = os.path.join(self.get_trial_dir(last.trial_id), EPISODE_FILE)
+            if os.path.exists(path):
+                saved = load_episode(path)
+        if saved is None:
+            values = trial.hyperparameters.values
+            return {
+                k: v for k, v in values.items() if k.startswith(HP_PREFIX)
+            }, {}
+
+        def part(prefix):
+            return {
+                k[len(prefix) :]: v
+                for k, v in saved.items()
+                if k.startswith(prefix)
+            }
+
+        failures = len(order) - 1 - order.index(last.trial_id)
+        if failures == 0:
+            return part("next/"), part("opt/")
+        scale = 0.5**failures
+        logging.warning(
+            "episode %s: %d episode(s) failed since episode %s; retrying "
+            "from its values with the meta step scaled by %g.",
+            trial.trial_id,
+            failures,
+            last.trial_id,
+            scale,
+        )
+        return self.meta_optimizer.step(
+            part("start/"), part("grad/"), part("optprev/"), scale=scale
+        )
 
     def save_model(self, trial_id, model, step=0):
         """Saves the weights (with `log_l2`) and the build config."""
