@@ -279,7 +279,14 @@ class DrMADModel(keras.Model):
             )
 
     def objective(self):
-        """The `Objective` of this model for the functional passes."""
+        """The `Objective` of this model for the functional passes.
+
+        Built once per compile and reused, so that the compiled loops of
+        `reverse` are traced once per model, not once per call.
+        """
+        cached = getattr(self, "_objective", None)
+        if cached is not None and cached.data_loss_fn is self._data_loss:
+            return cached
         regs = self.hyper_regularizers
         positions = {id(v): i for i, v in enumerate(self.trainable_variables)}
         kernel_at = [positions[id(reg.kernel)] for reg in regs]
@@ -297,7 +304,10 @@ class DrMADModel(keras.Model):
                 ]
             )
 
-        return reverse.Objective(output_fn, self._data_loss, penalty_fn)
+        self._objective = reverse.Objective(
+            output_fn, self._data_loss, penalty_fn
+        )
+        return self._objective
 
     # Meta-forward ------------------------------------------------------------
 
@@ -307,13 +317,9 @@ class DrMADModel(keras.Model):
         regs = self.hyper_regularizers
         theta = [v.value for v in self.trainable_variables]
         log_l2 = [reg.log_l2.value for reg in regs]
-        loss, grads = reverse.gradient(self._objective, theta, log_l2, x, y)
+        loss, grads = reverse.gradient(self.objective(), theta, log_l2, x, y)
         self.optimizer.apply(grads, self.trainable_variables)
         return {"loss": loss}
-
-    def make_train_function(self, force=False):
-        self._objective = self.objective()
-        return super().make_train_function(force)
 
     def fit(
         self,
@@ -337,7 +343,8 @@ class DrMADModel(keras.Model):
             epochs: int, default 1. Passes over ESet when `steps` is None.
             verbose: `"auto"`, 0 or 1. Progress bar.
             callbacks: list of `keras.callbacks.Callback`. Get `on_train_begin`
-                and `on_train_end` (the steps run in compiled chunks).
+                (before `theta_0` and the settings are read) and
+                `on_train_end`; the steps run in compiled chunks.
             steps: int or None. `T`; by default `epochs` passes.
             seed: int, default 0. Seed of the batch order.
             record_trajectory: bool, default False. Keep every `theta_t`
@@ -376,12 +383,7 @@ class DrMADModel(keras.Model):
         self._check_ready()
         verbose = resolve_verbose(verbose)
 
-        regs = self.hyper_regularizers
-        log_l2 = [tf.convert_to_tensor(reg.log_l2.value) for reg in regs]
-        theta_0 = [tf.identity(v.value) for v in self.trainable_variables]
-        index = reverse.batch_order(len(x), batch_size, steps, seed)
-        alpha, gamma = self.optimizer.alpha, self.optimizer.gamma
-
+        # Callbacks first: they may still change weights or settings.
         history = keras.callbacks.History()
         cbs = keras.callbacks.CallbackList(
             callbacks, add_history=False, model=self
@@ -389,6 +391,12 @@ class DrMADModel(keras.Model):
         history.set_model(self)
         cbs.on_train_begin()
         self.last_run = None
+
+        regs = self.hyper_regularizers
+        log_l2 = [tf.convert_to_tensor(reg.log_l2.value) for reg in regs]
+        theta_0 = [tf.identity(v.value) for v in self.trainable_variables]
+        index = reverse.batch_order(len(x), batch_size, steps, seed)
+        alpha, gamma = self.optimizer.alpha, self.optimizer.gamma
         theta_T, losses, trajectory = reverse.meta_forward(
             self.objective(),
             theta_0,

@@ -108,8 +108,21 @@ class Config:
         return settings
 
 
-def build_model(config, inputs=784, classes=10):
-    """The MLP of `config` as a compiled `DrMADModel`."""
+def build_model(config, inputs=784, classes=10, model_class=None, metrics=None):
+    """The MLP of `config`, compiled with `MomentumSGD(alpha, gamma)`.
+
+    Args:
+        config: `Config`.
+        inputs: int, default 784.
+        classes: int, default 10.
+        model_class: class or None. `DrMADModel` by default; `keras.Model`
+            gives the same network for stock Keras training (its penalty
+            reaches the loss through the layers' `add_loss`).
+        metrics: list or None. Passed to `compile`.
+
+    Returns:
+        The compiled model.
+    """
     import keras
 
     from drmad_keras.model import DrMADModel
@@ -132,12 +145,13 @@ def build_model(config, inputs=784, classes=10):
             )
         )(h)
     logits = regularized(keras.layers.Dense(classes, name="logits"))(h)
-    model = DrMADModel(x_in, logits, name="mlp")
+    model = (model_class or DrMADModel)(x_in, logits, name="mlp")
     model.compile(
         optimizer=MomentumSGD(
             alpha=config.learning_rate, gamma=config.momentum
         ),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=metrics,
     )
     return model
 

@@ -199,9 +199,12 @@ class _ChainHyperModel(keras_tuner.HyperModel):
                 f"{type(source).__name__}."
             )
 
+    def init_seed(self):
+        """The seed of this episode's initial weights."""
+        return self.seed + (self.episode if self.redraw_init else 0)
+
     def build(self, hp):
-        seed = self.seed + (self.episode if self.redraw_init else 0)
-        keras.utils.set_random_seed(seed)
+        keras.utils.set_random_seed(self.init_seed())
         model = self._user_build(hp)
         if not isinstance(model, DrMADModel):
             raise TypeError(
@@ -369,9 +372,7 @@ class DrMADTuner(keras_tuner.Tuner):
         values, state = self._episode_start(trial)
         for name, value in values.items():
             trial.hyperparameters.values[name] = float(np.mean(value))
-        model = self._try_build(trial.hyperparameters)
-        if not model.built:
-            model(np.asarray(x[:1]))
+        model = self._episode_model(trial.hyperparameters, x)
         model.set_log_l2(values)
 
         # Meta-forward on ESet, meta-backward on HSet.
@@ -438,6 +439,35 @@ class DrMADTuner(keras_tuner.Tuner):
         if verbose:
             print(_episode_line(episode, values, metrics))
         return metrics
+
+    def _episode_model(self, hp, x):
+        """The model of this episode, built from `hp`.
+
+        The build is seeded, so a model built for the same architecture and
+        initial-weight seed would come out the same: such a model is reused
+        with its initial weights restored, which keeps its compiled loops
+        (tracing them again costs more than a short episode).
+        """
+        key = (
+            self.hypermodel.init_seed(),
+            sorted(
+                (k, v)
+                for k, v in hp.values.items()
+                if not k.startswith(HP_PREFIX)
+            ),
+        )
+        cached = getattr(self, "_cached_model", None)
+        if cached is not None and cached[0] == key:
+            _, model, initial = cached
+            for var, value in zip(model.trainable_variables, initial):
+                var.assign(value)
+            return model
+        model = self._try_build(hp)
+        if not model.built:
+            model(np.asarray(x[:1]))
+        initial = [v.numpy() for v in model.trainable_variables]
+        self._cached_model = (key, model, initial)
+        return model
 
     def _episode_start(self, trial):
         """`log_l2` and meta-optimizer state that this episode starts from.

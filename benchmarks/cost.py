@@ -1,0 +1,245 @@
+"""What a hypergradient costs, measured side by side in one run.
+
+    python benchmarks/cost.py            # the figures of RESULTS.md
+    python benchmarks/cost.py --quick    # a smoke run, under two minutes
+
+1. Elementary steps per second: `DrMADModel.fit` against stock Keras `fit`
+   (default `compile`, and `steps_per_execution=50`) with Keras' own SGD
+   with momentum, on the same network, data and batch size.
+2. One episode (meta-forward plus meta-backward) per method, against a
+   stock Keras `fit` of the same `T` steps.
+3. Peak extra memory of a run plus its meta-backward, for `exact` and
+   `drmad`, at several `T`, each in a fresh process (peak resident set size
+   above the level after a warm-up run).
+"""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool("quick", False, "Small sizes: a smoke run.")
+flags.DEFINE_string("probe", None, "Internal: 'method,T' memory probe.")
+
+METHODS = [
+    ("drmad", "gauss_newton"),
+    ("drmad", "hessian"),
+    ("exact", "hessian"),
+]
+
+
+def steps_per_second(config, x, y, steps, repeats):
+    """Elementary steps per second of each way of training."""
+    epochs = steps // (len(x) // config.batch_size)
+    rates = {}
+
+    model = common.drmad_model(config)
+    model.fit(x, y, batch_size=config.batch_size, steps=50, verbose=0)
+    seconds = common.median_time(
+        lambda: model.fit(
+            x, y, batch_size=config.batch_size, steps=steps, verbose=0
+        ),
+        repeats,
+    )
+    rates["DrMADModel.fit"] = steps / seconds
+
+    for name, changes in [
+        ("stock fit", {}),
+        ("stock fit, steps_per_execution=50", {"steps_per_execution": 50}),
+    ]:
+        stock = common.stock_model(config, **changes)
+        stock.fit(x, y, batch_size=config.batch_size, epochs=1, verbose=0)
+        seconds = common.median_time(
+            lambda: stock.fit(
+                x, y, batch_size=config.batch_size, epochs=epochs, verbose=0
+            ),
+            repeats,
+        )
+        rates[name] = epochs * (len(x) // config.batch_size) / seconds
+    return rates
+
+
+def episode_seconds(config, split, steps, repeats):
+    """Seconds of one episode per method, and of a stock fit of T steps."""
+    (x, y), (x_h, y_h) = split.eset, split.hset
+    out = {}
+    for method, curvature in METHODS:
+        model = common.drmad_model(config)
+        record = method == "exact"
+
+        def episode():
+            model.fit(
+                x,
+                y,
+                batch_size=config.batch_size,
+                steps=steps,
+                record_trajectory=record,
+                verbose=0,
+            )
+            model.hypergradient(
+                x_h,
+                y_h,
+                method=method,
+                curvature=curvature,
+                max_growth=np.inf,
+                verbose=0,
+            )
+
+        model.fit(
+            x,
+            y,
+            batch_size=config.batch_size,
+            steps=2,
+            record_trajectory=record,
+            verbose=0,
+        )
+        model.hypergradient(
+            x_h,
+            y_h,
+            method=method,
+            curvature=curvature,
+            max_growth=np.inf,
+            verbose=0,
+        )
+        out[f"{method}/{curvature}"] = common.median_time(episode, repeats)
+
+    stock = common.stock_model(config)
+    stock.fit(x, y, batch_size=config.batch_size, epochs=1, verbose=0)
+    epochs = steps // (len(x) // config.batch_size)
+    out["stock fit"] = common.median_time(
+        lambda: stock.fit(
+            x, y, batch_size=config.batch_size, epochs=epochs, verbose=0
+        ),
+        repeats,
+    )
+    return out
+
+
+def _peak_rss_bytes():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory_probe(method, steps):
+    """Run in a fresh process: peak extra bytes of one run of T steps and
+    its meta-backward, and the bytes of parameters the run record holds."""
+    config = common.paper_config()
+    split = common.splits(config)
+    (x, y), (x_h, y_h) = split.eset, split.hset
+    model = common.drmad_model(config)
+    record = method == "exact"
+    # Warm-up: trace every function on a short run.
+    model.fit(x, y, batch_size=50, steps=2, record_trajectory=record, verbose=0)
+    model.hypergradient(x_h, y_h, method=method, verbose=0)
+    model.last_run = None
+    base = _peak_rss_bytes()
+    model.fit(
+        x, y, batch_size=50, steps=steps, record_trajectory=record, verbose=0
+    )
+    model.hypergradient(x_h, y_h, method=method, verbose=0, max_growth=np.inf)
+    return {
+        "peak_extra_bytes": max(_peak_rss_bytes() - base, 0),
+        "held_bytes": model.last_run.held_bytes(),
+    }
+
+
+def memory(steps_list):
+    """Runs `memory_probe` in a fresh process per method and T."""
+    out = {}
+    for method in ("drmad", "exact"):
+        for steps in steps_list:
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    f"--probe={method},{steps}",
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            out[f"{method}/{steps}"] = json.loads(
+                done.stdout.strip().splitlines()[-1]
+            )
+    return out
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.probe:
+        method, steps = FLAGS.probe.split(",")
+        print(json.dumps(memory_probe(method, int(steps))))
+        return
+
+    config = common.paper_config()
+    split = common.splits(config)
+    steps = 200 if FLAGS.quick else 1000
+    repeats = 1 if FLAGS.quick else 3
+    steps_list = (40, 80, 160) if FLAGS.quick else (250, 1000, 4000)
+
+    rates = steps_per_second(config, *split.eset, steps, repeats)
+    episodes = episode_seconds(config, split, steps, repeats)
+    mem = memory(steps_list)
+    results = {
+        "steps": steps,
+        "rates": rates,
+        "episodes": episodes,
+        "memory": mem,
+        "quick": FLAGS.quick,
+    }
+
+    stock = rates["stock fit"]
+    print(f"\nElementary steps per second (T = {steps}, batch 50):\n")
+    print(
+        common.table(
+            ["training", "steps/s", "ratio to stock fit"],
+            [[k, f"{v:.0f}", f"{v / stock:.2f}"] for k, v in rates.items()],
+        )
+    )
+    print(f"\nOne episode (meta-forward + meta-backward), T = {steps}:\n")
+    base = episodes["stock fit"]
+    print(
+        common.table(
+            ["what", "seconds", "ratio to stock fit of T steps"],
+            [[k, f"{v:.2f}", f"{v / base:.2f}"] for k, v in episodes.items()],
+        )
+    )
+    print("\nPeak extra memory of a run and its meta-backward:\n")
+    rows = []
+    for steps_m in steps_list:
+        d, e = mem[f"drmad/{steps_m}"], mem[f"exact/{steps_m}"]
+        rows.append(
+            [
+                steps_m,
+                f"{d['peak_extra_bytes'] / 2**20:.1f}",
+                f"{e['peak_extra_bytes'] / 2**20:.1f}",
+                f"{d['held_bytes'] / 2**20:.2f}",
+                f"{e['held_bytes'] / 2**20:.1f}",
+            ]
+        )
+    print(
+        common.table(
+            [
+                "T",
+                "drmad peak MiB",
+                "exact peak MiB",
+                "drmad held MiB",
+                "exact held MiB",
+            ],
+            rows,
+        )
+    )
+    print(f"\nwritten to {common.save('cost', results)}")
+
+
+if __name__ == "__main__":
+    app.run(main)
