@@ -1,0 +1,231 @@
+"""How close DrMAD's hypergradient is to the exact one.
+
+    python benchmarks/accuracy.py            # the figures of RESULTS.md
+    python benchmarks/accuracy.py --quick    # a smoke run, under two minutes
+
+For each setting (learning rate, `T`, starting `log_l2`, granularity) one
+run is trained with its trajectory stored; then the hypergradient of its
+HSet loss is computed by `exact` (Hessian products at the stored weights)
+and by `drmad` with each curvature and with `reverse_steps` of `T` and
+`T/10`. Reported: the cosine with `exact`, and the ratio of norms. On the
+smallest setting, central finite differences (retraining at `log_l2 +- eps`,
+float64) check `exact` itself.
+"""
+
+import itertools
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+import drmad_keras  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool("quick", False, "Small sizes: a smoke run.")
+
+
+def _flat(grads):
+    return np.concatenate([np.ravel(g) for g in grads.values()])
+
+
+def compare(config, split, steps):
+    """Cosine and norm ratio of every variant against `exact`."""
+    (x, y), (x_h, y_h) = split.eset, split.hset
+    model = common.drmad_model(config)
+    model.fit(
+        x,
+        y,
+        batch_size=config.batch_size,
+        steps=steps,
+        record_trajectory=True,
+        seed=config.seed,
+        verbose=0,
+    )
+    exact = _flat(
+        model.hypergradient(x_h, y_h, method="exact", verbose=0).grads
+    )
+    rows = []
+    variants = itertools.product(
+        ("gauss_newton", "hessian"), (steps, max(steps // 10, 1))
+    )
+    for curvature, reverse_steps in variants:
+        try:
+            result = model.hypergradient(
+                x_h,
+                y_h,
+                method="drmad",
+                curvature=curvature,
+                reverse_steps=reverse_steps,
+                max_growth=np.inf,
+                verbose=0,
+            )
+            g = _flat(result.grads)
+            cosine = float(
+                g @ exact / (np.linalg.norm(g) * np.linalg.norm(exact))
+            )
+            ratio = float(np.linalg.norm(g) / np.linalg.norm(exact))
+            growth = result.growth
+        except drmad_keras.DivergenceError:
+            cosine = ratio = growth = float("nan")
+        rows.append(
+            {
+                "curvature": curvature,
+                "reverse_steps": reverse_steps,
+                "cosine": cosine,
+                "norm_ratio": ratio,
+                "growth": growth,
+            }
+        )
+    return {"exact_norm": float(np.linalg.norm(exact)), "variants": rows}
+
+
+def finite_differences(config, split, steps, eps=1e-4):
+    """`exact` against central differences, per layer, in float64."""
+    previous = keras.config.floatx(), keras.config.dtype_policy()
+    keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
+    try:
+        (x, y), (x_h, y_h) = split.eset, split.hset
+        model = common.drmad_model(config)
+        theta_0 = [v.numpy() for v in model.trainable_variables]
+        model.fit(
+            x,
+            y,
+            batch_size=config.batch_size,
+            steps=steps,
+            record_trajectory=True,
+            verbose=0,
+        )
+        exact = model.hypergradient(x_h, y_h, method="exact", verbose=0)
+        start = model.get_log_l2()
+
+        def hset_loss(values):
+            model.set_log_l2(values)
+            for var, value in zip(model.trainable_variables, theta_0):
+                var.assign(value)
+            model.fit(
+                x, y, batch_size=config.batch_size, steps=steps, verbose=0
+            )
+            return model.evaluate_split(x_h, y_h)[0]
+
+        rows = []
+        for name, value in start.items():
+            plus = {**start, name: value + eps}
+            minus = {**start, name: value - eps}
+            fd = (hset_loss(plus) - hset_loss(minus)) / (2 * eps)
+            got = float(exact.grads[name])
+            rows.append(
+                {
+                    "name": name,
+                    "exact": got,
+                    "fd": fd,
+                    "relative_error": abs(got - fd) / abs(fd),
+                }
+            )
+        return rows
+    finally:
+        keras.config.set_floatx(previous[0])
+        keras.config.set_dtype_policy(previous[1])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.quick:
+        base = {"hidden": (20, 20)}
+        grid = [(0.1, 50, -3.0, "layer"), (0.1, 50, -3.0, "unit")]
+        fd_steps = 20
+    else:
+        base = {}
+        grid = [
+            (lr, steps, init, "layer")
+            for lr, steps, init in itertools.product(
+                (0.05, 0.1, 0.2), (250, 1000), (-5.0, -3.0)
+            )
+        ] + [(0.1, 1000, -3.0, "unit")]
+        fd_steps = 250
+
+    results = {"settings": [], "quick": FLAGS.quick}
+    table = []
+    for lr, steps, init, granularity in grid:
+        config = common.paper_config(
+            learning_rate=lr, init_log_l2=init, granularity=granularity, **base
+        )
+        split = common.splits(config)
+        found = compare(config, split, steps)
+        results["settings"].append(
+            {
+                "learning_rate": lr,
+                "steps": steps,
+                "init_log_l2": init,
+                "granularity": granularity,
+                **found,
+            }
+        )
+        for row in found["variants"]:
+            table.append(
+                [
+                    lr,
+                    steps,
+                    init,
+                    granularity,
+                    row["curvature"],
+                    row["reverse_steps"],
+                    f"{row['cosine']:.3f}",
+                    f"{row['norm_ratio']:.3g}",
+                    f"{row['growth']:.3g}",
+                ]
+            )
+    print(
+        "\nDrMAD against exact (cosine, norm ratio; growth is the largest "
+        "norm ratio of the reverse state to its start):\n"
+    )
+    print(
+        common.table(
+            [
+                "alpha",
+                "T",
+                "init log_l2",
+                "granularity",
+                "curvature",
+                "reverse steps",
+                "cosine",
+                "norm ratio",
+                "growth",
+            ],
+            table,
+        )
+    )
+
+    config = common.paper_config(learning_rate=0.1, init_log_l2=-3.0, **base)
+    fd = finite_differences(config, common.splits(config), fd_steps)
+    results["finite_differences"] = fd
+    print(
+        f"\nexact against central differences (float64, T = {fd_steps}, "
+        "eps 1e-4):\n"
+    )
+    print(
+        common.table(
+            ["hyperparameter", "exact", "finite differences", "relative error"],
+            [
+                [
+                    r["name"],
+                    f"{r['exact']:.6g}",
+                    f"{r['fd']:.6g}",
+                    f"{r['relative_error']:.2e}",
+                ]
+                for r in fd
+            ],
+        )
+    )
+    print(f"\nwritten to {common.save('accuracy', results)}")
+
+
+if __name__ == "__main__":
+    app.run(main)
