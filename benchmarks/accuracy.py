@@ -137,6 +137,7 @@ def finite_differences(config, split, steps, eps=1e-4):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    common.quiet()
     if FLAGS.quick:
         base = {"hidden": (20, 20)}
         grid = [(0.1, 50, -3.0, "layer"), (0.1, 50, -3.0, "unit")]

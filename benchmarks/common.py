@@ -8,11 +8,24 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
 
 from drmad_keras import data  # noqa: E402
 from drmad_keras import train  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+flags.DEFINE_string(
+    "out_dir",
+    os.path.join(HERE, "out"),
+    "Where the JSON results and plots are written.",
+)
+
+
+def quiet():
+    """Keeps library logging to warnings, so that the tables stand out."""
+    logging.set_verbosity(logging.WARNING)
 
 
 def paper_config(**changes):
@@ -72,8 +85,8 @@ def median_time(fn, repeats):
 
 
 def save(name, results):
-    """Writes `results` to benchmarks/out/NAME.json; returns the path."""
-    out = os.path.join(HERE, "out")
+    """Writes `results` to `--out_dir`/NAME.json; returns the path."""
+    out = flags.FLAGS.out_dir
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, f"{name}.json")
     with open(path, "w", encoding="utf-8") as f:

@@ -175,6 +175,7 @@ def memory(steps_list):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    common.quiet()
     if FLAGS.probe:
         method, steps = FLAGS.probe.split(",")
         print(json.dumps(memory_probe(method, int(steps))))
@@ -184,7 +185,7 @@ def main(argv):
     split = common.splits(config)
     steps = 200 if FLAGS.quick else 1000
     repeats = 1 if FLAGS.quick else 3
-    steps_list = (40, 80, 160) if FLAGS.quick else (250, 1000, 4000)
+    steps_list = (40, 80) if FLAGS.quick else (250, 1000, 4000)
 
     rates = steps_per_second(config, *split.eset, steps, repeats)
     episodes = episode_seconds(config, split, steps, repeats)
