@@ -15,6 +15,7 @@ episode (`reshuffle=True` changes it).
 import copy
 import json
 import os
+import random
 import time
 
 import keras
@@ -29,6 +30,8 @@ from drmad_keras.model import resolve_verbose
 
 META_OPTIMIZERS = ("adam", "sign_sgd")
 NEXT_PREFIX = "next_"
+# The hyperparameter naming a trial's chain, when there are several.
+CHAIN = "chain"
 # Every HyperRegularizer's hyperparameter name starts with this.
 HP_PREFIX = "log_l2_"
 EPISODE_FILE = "episode.npz"
@@ -123,56 +126,140 @@ class MetaOptimizer:
 class DrMADOracle(keras_tuner.Oracle):
     """Chains trials: each starts from the last finished one's result.
 
-    The first trial takes every hyperparameter's default (the
-    `HyperRegularizer`'s `init_log_l2`). A later trial takes the values that
-    the last completed trial reported as `next_<name>` metrics.
+    With `chains` > 1 the trials are dealt to the chains in turn, and each
+    chain goes on from its own last finished trial; the hyperparameter
+    `chain` says which chain a trial belongs to. Chain 0 starts from every
+    hyperparameter's default (the `HyperRegularizer`'s `init_log_l2`); chain
+    `k` from `initial_values[k]` if given, else from values drawn uniformly
+    from each hyperparameter's range with `seed + k`. A later trial of a
+    chain takes the values that the chain's last completed trial reported
+    as `next_<name>` metrics.
 
     Args:
         objective: str or `keras_tuner.Objective`, default `"val_error"`.
-        max_trials: int, default 10. Number of episodes.
+        max_trials: int, default 10. Number of episodes, all chains
+            together.
+        chains: int, default 1. Number of independent chains.
+        initial_values: list of dict or None. Starting values per chain
+            (entries may be None for a drawn start).
+        seed: int, default 0. Seed of drawn starts.
         **kwargs: Passed to `keras_tuner.Oracle`.
     """
 
-    def __init__(self, objective="val_error", max_trials=10, **kwargs):
+    def __init__(
+        self,
+        objective="val_error",
+        max_trials=10,
+        chains=1,
+        initial_values=None,
+        seed=0,
+        **kwargs,
+    ):
         if isinstance(objective, str):
             objective = keras_tuner.Objective(objective, direction="min")
-        super().__init__(objective=objective, max_trials=max_trials, **kwargs)
+        super().__init__(
+            objective=objective, max_trials=max_trials, seed=seed, **kwargs
+        )
+        self.chains = checks.positive_int("chains", chains)
+        self.initial_values = list(initial_values or [])
+        if len(self.initial_values) > self.chains:
+            raise ValueError(
+                f"initial_values has {len(self.initial_values)} entries for "
+                f"{self.chains} chain(s)."
+            )
 
-    def last_completed_trial(self, before=None):
-        """The latest completed trial in start order, or None.
+    def chain_history(self, trial_id):
+        """The chain's last completed trial before `trial_id`, and how many
+        of its trials failed since.
 
-        Args:
-            before: str or None. Only trials started before this trial id.
+        Returns:
+            `(trial or None, failures)`.
         """
         order = list(self.start_order)
-        if before is not None and before in order:
-            order = order[: order.index(before)]
-        for trial_id in reversed(order):
-            trial = self.trials[trial_id]
-            if trial.status == keras_tuner.engine.trial.TrialStatus.COMPLETED:
-                return trial
-        return None
+        if trial_id in order:
+            order = order[: order.index(trial_id)]
+        chain = (
+            chain_of(self.trials[trial_id])
+            if trial_id in (self.trials)
+            else None
+        )
+        failures = 0
+        for previous_id in reversed(order):
+            previous = self.trials[previous_id]
+            if chain is not None and chain_of(previous) != chain:
+                continue
+            if (
+                previous.status
+                == keras_tuner.engine.trial.TrialStatus.COMPLETED
+            ):
+                return previous, failures
+            failures += 1
+        return None, failures
+
+    def _chain_start(self, chain):
+        """The values chain `chain` starts from."""
+        space = [hp for hp in self.hyperparameters.space if hp.name != CHAIN]
+        given = (
+            self.initial_values[chain]
+            if chain < len(self.initial_values)
+            else None
+        )
+        if given is not None:
+            unknown = set(given) - {hp.name for hp in space}
+            if unknown:
+                raise ValueError(
+                    f"initial_values[{chain}] names unknown hyperparameters "
+                    f"{sorted(unknown)}; they are "
+                    f"{sorted(hp.name for hp in space)}."
+                )
+            return {
+                hp.name: float(given.get(hp.name, hp.default)) for hp in space
+            }
+        if chain == 0:
+            return {hp.name: hp.default for hp in space}
+        rng = random.Random(self.seed + chain)
+        return {
+            hp.name: rng.uniform(hp.min_value, hp.max_value) for hp in space
+        }
 
     def populate_space(self, trial_id):
-        values = {hp.name: hp.default for hp in self.hyperparameters.space}
-        previous = self.last_completed_trial()
+        chain = len(self.start_order) % self.chains
+        values = self._chain_start(chain)
+        previous = None
+        for previous_id in reversed(self.start_order):
+            candidate = self.trials[previous_id]
+            if (
+                chain_of(candidate) == chain
+                and candidate.status
+                == keras_tuner.engine.trial.TrialStatus.COMPLETED
+            ):
+                previous = candidate
+                break
         if previous is not None:
             for name in values:
                 key = NEXT_PREFIX + name
                 if previous.metrics.exists(key):
                     values[name] = previous.metrics.get_last_value(key)
+        if self.chains > 1:
+            values[CHAIN] = chain
         return {
             "status": keras_tuner.engine.trial.TrialStatus.RUNNING,
             "values": values,
         }
 
 
+def chain_of(trial):
+    """The chain a trial belongs to (0 when there is one chain)."""
+    return int(trial.hyperparameters.values.get(CHAIN, 0))
+
+
 class _ChainHyperModel(keras_tuner.HyperModel):
     """Builds the user's model and declares one hyperparameter per
     `HyperRegularizer`, named after its layer."""
 
-    def __init__(self, source, log_l2_range, seed, redraw_init):
+    def __init__(self, source, log_l2_range, seed, redraw_init, chains):
         super().__init__()
+        self.chains = chains
         self.log_l2_range = log_l2_range
         self.seed = seed
         self.redraw_init = redraw_init
@@ -223,6 +310,8 @@ class _ChainHyperModel(keras_tuner.HyperModel):
                 "nothing to tune; wrap layers in drmad_keras.HyperRegularizer."
             )
         low, high = self.log_l2_range
+        if self.chains > 1:
+            hp.Int(CHAIN, 0, self.chains - 1)
         for reg in regs:
             hp.Float(
                 reg.hp_name,
@@ -264,6 +353,11 @@ class DrMADTuner(keras_tuner.Tuner):
             episode.
         seed: int, default 0. Seeds the initial weights and batch order.
         max_growth: float, default 1e6. See `reverse.meta_backward`.
+        chains: int, default 1. Independent chains of episodes, run in
+            turn (see `DrMADOracle`); `max_trials` counts all of them.
+        initial_values: list of dict or None. Starting `log_l2` per chain;
+            chains without an entry start from drawn values (chain 0: the
+            defaults).
         **kwargs: Passed to `keras_tuner.Tuner` (`directory`,
             `project_name`, `overwrite`, ...).
     """
@@ -283,6 +377,8 @@ class DrMADTuner(keras_tuner.Tuner):
         reshuffle=False,
         seed=0,
         max_growth=1e6,
+        chains=1,
+        initial_values=None,
         **kwargs,
     ):
         checks.positive_int("max_trials", max_trials)
@@ -302,12 +398,19 @@ class DrMADTuner(keras_tuner.Tuner):
         self.reshuffle = bool(reshuffle)
         self.seed = int(seed)
         self.max_growth = checks.positive_float("max_growth", max_growth)
-        oracle = DrMADOracle(objective=objective, max_trials=max_trials)
+        oracle = DrMADOracle(
+            objective=objective,
+            max_trials=max_trials,
+            chains=chains,
+            initial_values=initial_values,
+            seed=self.seed,
+        )
         chain = _ChainHyperModel(
             hypermodel,
             self.meta_optimizer.log_l2_range,
             self.seed,
             bool(redraw_init),
+            oracle.chains,
         )
         super().__init__(oracle=oracle, hypermodel=chain, **kwargs)
 
@@ -453,7 +556,7 @@ class DrMADTuner(keras_tuner.Tuner):
             sorted(
                 (k, v)
                 for k, v in hp.values.items()
-                if not k.startswith(HP_PREFIX)
+                if not k.startswith(HP_PREFIX) and k != CHAIN
             ),
         )
         cached = getattr(self, "_cached_model", None)
@@ -478,9 +581,7 @@ class DrMADTuner(keras_tuner.Tuner):
         the chain goes on from the last good values with a smaller step.
         The first episode takes the hyperparameters' values.
         """
-        order = list(self.oracle.start_order)
-        order = order[: order.index(trial.trial_id)]
-        last = self.oracle.last_completed_trial(before=trial.trial_id)
+        last, failures = self.oracle.chain_history(trial.trial_id)
         saved = None
         if last is not None:
             path = os.path.join(self.get_trial_dir(last.trial_id), EPISODE_FILE)
@@ -499,7 +600,6 @@ class DrMADTuner(keras_tuner.Tuner):
                 if k.startswith(prefix)
             }
 
-        failures = len(order) - 1 - order.index(last.trial_id)
         if failures == 0:
             return part("next/"), part("opt/")
         scale = 0.5**failures
@@ -537,9 +637,14 @@ class DrMADTuner(keras_tuner.Tuner):
             trial = self.oracle.trials[trial_id]
             row = {
                 "episode": int(trial_id),
+                "chain": chain_of(trial),
                 "trial_id": trial_id,
                 "status": str(trial.status),
-                "log_l2": dict(trial.hyperparameters.values),
+                "log_l2": {
+                    k: v
+                    for k, v in trial.hyperparameters.values.items()
+                    if k.startswith(HP_PREFIX)
+                },
             }
             for name in trial.metrics.metrics:
                 if not name.startswith(NEXT_PREFIX):

@@ -167,3 +167,36 @@ def test_meta_optimizers():
     with pytest.raises(ValueError, match="meta_optimizer"):
         tuner_lib.MetaOptimizer("rmsprop")
     assert isinstance(tuner_lib.DrMADOracle(), keras_tuner.Oracle)
+
+
+def test_several_chains(small_mnist, tmp_path):
+    tuner = _search(
+        small_mnist,
+        tmp_path,
+        6,
+        chains=3,
+        initial_values=[None, {"log_l2_h0": -4.0}],
+        log_l2_range=(-6.0, -1.0),
+    )
+    rows = tuner.episodes()
+    assert [r["chain"] for r in rows] == [0, 1, 2, 0, 1, 2]
+    assert all(r["status"] == "COMPLETED" for r in rows)
+    assert rows[0]["log_l2"] == {"log_l2_h0": -2.0, "log_l2_out": -2.0}
+    assert rows[1]["log_l2"]["log_l2_h0"] == -4.0
+    assert rows[1]["log_l2"]["log_l2_out"] == -2.0
+    drawn = rows[2]["log_l2"]
+    assert all(-6.0 <= v <= -1.0 for v in drawn.values())
+    assert drawn != rows[0]["log_l2"]
+    # Each chain goes on from its own last episode.
+    for first, second in zip(rows[:3], rows[3:]):
+        arrays = tuner.episode_arrays(first["trial_id"])
+        for name, value in second["log_l2"].items():
+            assert value == pytest.approx(
+                float(arrays[f"next/{name}"]), rel=1e-6
+            )
+    # The best of all chains.
+    best = tuner.get_best_hyperparameters()[0].values
+    best_error = min(r["val_error"] for r in rows)
+    assert [r["log_l2"] for r in rows if r["val_error"] == best_error][0] == {
+        k: v for k, v in best.items() if k != "chain"
+    }
