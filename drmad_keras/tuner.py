@@ -138,7 +138,7 @@ class DrMADOracle(keras_tuner.Oracle):
     Args:
         objective: str or `keras_tuner.Objective`, default `"val_error"`.
         max_trials: int, default 10. Number of episodes, all chains
-            together.
+            together; each chain gets an equal share (rounded up).
         chains: int, default 1. Number of independent chains.
         initial_values: list of dict or None. Starting values per chain
             (entries may be None for a drawn start).
@@ -168,34 +168,6 @@ class DrMADOracle(keras_tuner.Oracle):
                 f"{self.chains} chain(s)."
             )
 
-    def chain_history(self, trial_id):
-        """The chain's last completed trial before `trial_id`, and how many
-        of its trials failed since.
-
-        Returns:
-            `(trial or None, failures)`.
-        """
-        order = list(self.start_order)
-        if trial_id in order:
-            order = order[: order.index(trial_id)]
-        chain = (
-            chain_of(self.trials[trial_id])
-            if trial_id in (self.trials)
-            else None
-        )
-        failures = 0
-        for previous_id in reversed(order):
-            previous = self.trials[previous_id]
-            if chain is not None and chain_of(previous) != chain:
-                continue
-            if (
-                previous.status
-                == keras_tuner.engine.trial.TrialStatus.COMPLETED
-            ):
-                return previous, failures
-            failures += 1
-        return None, failures
-
     def _chain_start(self, chain):
         """The values chain `chain` starts from."""
         space = [hp for hp in self.hyperparameters.space if hp.name != CHAIN]
@@ -223,18 +195,23 @@ class DrMADOracle(keras_tuner.Oracle):
         }
 
     def populate_space(self, trial_id):
-        chain = len(self.start_order) % self.chains
+        # The chain with the fewest trials among those with none running
+        # (with several workers, a chain runs one episode at a time) and
+        # with trials left of its share of max_trials.
+        busy = {chain_of(t) for t in self.ongoing_trials.values()}
+        counts = [0] * self.chains
+        for trial in self.trials.values():
+            counts[chain_of(trial)] += 1
+        share = -(-self.max_trials // self.chains)
+        free = [
+            c for c in range(self.chains) if c not in busy and counts[c] < share
+        ]
+        if not free:
+            return {"status": keras_tuner.engine.trial.TrialStatus.IDLE}
+        chain = min(free, key=lambda c: (counts[c], c))
+
         values = self._chain_start(chain)
-        previous = None
-        for previous_id in reversed(self.start_order):
-            candidate = self.trials[previous_id]
-            if (
-                chain_of(candidate) == chain
-                and candidate.status
-                == keras_tuner.engine.trial.TrialStatus.COMPLETED
-            ):
-                previous = candidate
-                break
+        previous = _chain_history(self.get_trial, trial_id, chain)[0]
         if previous is not None:
             for name in values:
                 key = NEXT_PREFIX + name
@@ -246,6 +223,28 @@ class DrMADOracle(keras_tuner.Oracle):
             "status": keras_tuner.engine.trial.TrialStatus.RUNNING,
             "values": values,
         }
+
+
+def _chain_history(get_trial, trial_id, chain):
+    """The chain's last completed trial before `trial_id`, and how many of
+    its trials failed since.
+
+    Only `get_trial` is used, so that a worker of a distributed search can
+    ask the chief oracle. Trial ids are consecutive numbers.
+
+    Returns:
+        `(trial or None, failures)`.
+    """
+    width = len(trial_id)
+    failures = 0
+    for number in range(int(trial_id) - 1, -1, -1):
+        trial = get_trial(f"{number:0{width}d}")
+        if chain_of(trial) != chain:
+            continue
+        if trial.status == keras_tuner.engine.trial.TrialStatus.COMPLETED:
+            return trial, failures
+        failures += 1
+    return None, failures
 
 
 def chain_of(trial):
@@ -430,6 +429,17 @@ class DrMADTuner(keras_tuner.Tuner):
         self.oracle.verbose = 1 if self._verbose == 1 else 0
         super().search(*fit_args, **fit_kwargs)
 
+    def pre_create_trial(self):
+        # The oracle answers IDLE while every chain has an episode running
+        # elsewhere: ask again after a pause, not in a tight loop.
+        if getattr(self, "_waiting", False):
+            time.sleep(0.5)
+        self._waiting = True
+
+    def on_trial_begin(self, trial):
+        self._waiting = False
+        super().on_trial_begin(trial)
+
     # One episode -------------------------------------------------------------
 
     def run_trial(
@@ -581,7 +591,9 @@ class DrMADTuner(keras_tuner.Tuner):
         the chain goes on from the last good values with a smaller step.
         The first episode takes the hyperparameters' values.
         """
-        last, failures = self.oracle.chain_history(trial.trial_id)
+        last, failures = _chain_history(
+            self.oracle.get_trial, trial.trial_id, chain_of(trial)
+        )
         saved = None
         if last is not None:
             path = os.path.join(self.get_trial_dir(last.trial_id), EPISODE_FILE)
