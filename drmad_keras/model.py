@@ -83,7 +83,17 @@ class Hypergradient:
 
 
 def _mean_loss(loss):
-    fn = keras.losses.get(loss)
+    """The mean of `loss` over a batch, as a plain function.
+
+    A `keras.losses.Loss` object is called through its `call`, which gives
+    per-example values: its own reduction would also divide by the number
+    of replicas inside a `tf.distribute` replica context, and the passes
+    average replicas themselves.
+    """
+    if isinstance(loss, keras.losses.Loss):
+        fn = loss.call
+    else:
+        fn = keras.losses.get(loss)
     if fn is None:
         raise ValueError(
             "DrMADModel.compile needs a loss, for example "
@@ -304,8 +314,13 @@ class DrMADModel(keras.Model):
                 ]
             )
 
+        strategy = self.distribute_strategy
+        if not tf.distribute.has_strategy() and (
+            strategy is tf.distribute.get_strategy()
+        ):
+            strategy = None
         self._objective = reverse.Objective(
-            output_fn, self._data_loss, penalty_fn
+            output_fn, self._data_loss, penalty_fn, strategy
         )
         return self._objective
 
@@ -381,6 +396,13 @@ class DrMADModel(keras.Model):
             )
         steps = checks.positive_int("steps", steps)
         self._check_ready()
+        strategy = self.objective().strategy
+        if strategy is not None and batch_size % strategy.num_replicas_in_sync:
+            raise ValueError(
+                f"batch_size {batch_size} must be a multiple of the "
+                f"{strategy.num_replicas_in_sync} replicas of the "
+                "distribution strategy."
+            )
         verbose = resolve_verbose(verbose)
 
         # Callbacks first: they may still change weights or settings.

@@ -57,11 +57,15 @@ class Objective:
         output_fn: `(theta, x) -> z`, the model's outputs (logits).
         data_loss_fn: `(y, z) -> scalar`, the mean data loss (cross-entropy).
         penalty_fn: `(theta, log_l2) -> scalar`, the L2 penalty.
+        strategy: `tf.distribute.Strategy` or None. When given, each
+            elementary step and each reverse step splits its batch over the
+            strategy's replicas and averages what they return.
     """
 
     output_fn: Callable
     data_loss_fn: Callable
     penalty_fn: Callable
+    strategy: object = None
 
     def train_loss(self, theta, log_l2, x, y):
         """`L1(theta, lam; (x, y))`: data loss plus penalty."""
@@ -189,6 +193,36 @@ def gauss_newton_product(objective, theta, log_l2, x, y, d_v):
     return [a + b for a, b in zip(ggn, pen_theta)], pen_lam
 
 
+def on_replicas(objective, fn, theta, log_l2, x, y, *rest):
+    """`fn(objective, theta, log_l2, x, y, *rest)`, data-parallel.
+
+    Without a strategy this is the plain call. With one, the batch is split
+    into equal shards, one per replica, and the replicas' results (means
+    over their shards) are averaged, which equals the full-batch result.
+    """
+    strategy = objective.strategy
+    if strategy is None:
+        return fn(objective, theta, log_l2, x, y, *rest)
+    replicas = strategy.num_replicas_in_sync
+    xs, ys = tf.split(x, replicas), tf.split(y, replicas)
+    shards = strategy.experimental_distribute_values_from_function(
+        lambda ctx: (
+            xs[ctx.replica_id_in_sync_group],
+            ys[ctx.replica_id_in_sync_group],
+        )
+    )
+    per_replica = strategy.run(
+        lambda shard: fn(objective, theta, log_l2, shard[0], shard[1], *rest),
+        args=(shards,),
+    )
+    return tf.nest.map_structure(
+        lambda value: strategy.reduce(
+            tf.distribute.ReduceOp.MEAN, value, axis=None
+        ),
+        per_replica,
+    )
+
+
 _PRODUCTS = {
     "hessian": hessian_product,
     "gauss_newton": gauss_newton_product,
@@ -207,7 +241,7 @@ def _forward_chunk(
             trajectory = [ta.write(i, w) for ta, w in zip(trajectory, theta)]
         xb = tf.gather(x, index[i])
         yb = tf.gather(y, index[i])
-        loss, grads = gradient(objective, theta, log_l2, xb, yb)
+        loss, grads = on_replicas(objective, gradient, theta, log_l2, xb, yb)
         v = [gamma * vi - (1.0 - gamma) * g for vi, g in zip(v, grads)]
         theta = [w + alpha * vi for w, vi in zip(theta, v)]
         losses = losses.write(i, loss)
@@ -250,7 +284,9 @@ def _reverse_chunk(
         yb = tf.gather(y, index[i])
 
         d_v = [dv + alpha * dt for dv, dt in zip(d_v, d_theta)]
-        h_theta, h_lam = product(objective, theta_t, log_l2, xb, yb, d_v)
+        h_theta, h_lam = on_replicas(
+            objective, product, theta_t, log_l2, xb, yb, d_v
+        )
         d_theta = [dt - (1.0 - gamma) * h for dt, h in zip(d_theta, h_theta)]
         d_lam = [dl - (1.0 - gamma) * h for dl, h in zip(d_lam, h_lam)]
         d_v = [gamma * dv for dv in d_v]

@@ -487,6 +487,7 @@ class DrMADTuner(keras_tuner.Tuner):
             trial.hyperparameters.values[name] = float(np.mean(value))
         model = self._episode_model(trial.hyperparameters, x)
         model.set_log_l2(values)
+        values = model.get_log_l2()
 
         # Meta-forward on ESet, meta-backward on HSet.
         seed = self.seed + (episode if self.reshuffle else 0)
