@@ -22,6 +22,8 @@ setup(
         # keras-tuner's stock tuners import it; tensorflow no longer brings it.
         "tensorboard",
         "tensorflow-datasets>=4.9",
+        # tensorflow-datasets needs it to build MNIST but does not declare it.
+        "importlib_resources",
         "absl-py",
         "numpy",
         "matplotlib",

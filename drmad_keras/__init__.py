@@ -1,21 +1,27 @@
-"""Gradient-based tuning of L2 penalties for Keras models, by DrMAD."""
+"""Gradient-based tuning of L2 penalties for Keras models, by DrMAD.
 
-from drmad_keras.model import DrMADModel
-from drmad_keras.model import Hypergradient
-from drmad_keras.optimizers import MomentumSGD
-from drmad_keras.regularizer import HyperRegularizer
-from drmad_keras.reverse import DivergenceError
-from drmad_keras.tuner import DrMADOracle
-from drmad_keras.tuner import DrMADTuner
+The public names load on first use, so that `drmad_keras.config` and
+`drmad_keras.checks` can be imported without starting TensorFlow.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DivergenceError",
-    "DrMADModel",
-    "DrMADOracle",
-    "DrMADTuner",
-    "HyperRegularizer",
-    "Hypergradient",
-    "MomentumSGD",
-]
+_PUBLIC = {
+    "DivergenceError": "drmad_keras.reverse",
+    "DrMADModel": "drmad_keras.model",
+    "DrMADOracle": "drmad_keras.tuner",
+    "DrMADTuner": "drmad_keras.tuner",
+    "HyperRegularizer": "drmad_keras.regularizer",
+    "Hypergradient": "drmad_keras.model",
+    "MomentumSGD": "drmad_keras.optimizers",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'drmad_keras' has no attribute {name!r}")

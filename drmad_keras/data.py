@@ -15,8 +15,9 @@ import dataclasses
 import numpy as np
 
 from drmad_keras import checks
+from drmad_keras import options
 
-SOURCES = ("mnist_sample", "mnist")
+SOURCES = options.SOURCES
 
 # Split sizes that fit the 5,000 images of the sample.
 SAMPLE_SIZES = {"eset": 2000, "hset": 1000, "vset": 1000, "test": 1000}

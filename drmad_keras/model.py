@@ -275,6 +275,12 @@ class DrMADModel(keras.Model):
                 "hyperparameter to differentiate; wrap at least one layer "
                 "with a kernel in drmad_keras.HyperRegularizer."
             )
+        names = [reg.hp_name for reg in regs]
+        if len(set(names)) != len(names):
+            raise ValueError(
+                "two HyperRegularizers wrap layers of the same name "
+                f"({names}); give every wrapped layer a unique name."
+            )
         hyper_ids = {id(reg.log_l2) for reg in regs}
         others = [
             v.path
@@ -395,6 +401,13 @@ class DrMADModel(keras.Model):
                 len(x) // batch_size
             )
         steps = checks.positive_int("steps", steps)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(
+                "seed must be an integer: the reverse pass regenerates the "
+                f"batch order from it; got {seed!r}."
+            )
+        if not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be non-negative; got {seed}.")
         self._check_ready()
         strategy = self.objective().strategy
         if strategy is not None and batch_size % strategy.num_replicas_in_sync:
@@ -484,7 +497,16 @@ class DrMADModel(keras.Model):
                 f"{str(error).splitlines()[0]}"
             ) from None
 
-        # Integer labels index the outputs.
+        # Class ids index the outputs; whole-number floats count as ids.
+        if y.dtype.is_floating and y.shape.rank == 1:
+            if not bool(tf.reduce_all(tf.equal(y, tf.round(y)))):
+                raise ValueError(
+                    "labels must be whole class ids (0, 1, ...); got "
+                    "fractional or non-finite values."
+                )
+            y = tf.cast(y, tf.int64)
+        elif not (y.dtype.is_integer or y.dtype.is_floating):
+            raise TypeError(f"labels must be numbers; got {y.dtype.name}.")
         if y.dtype.is_integer and y.shape.rank == 1:
             classes = outputs.shape[-1]
             low, high = int(tf.reduce_min(y)), int(tf.reduce_max(y))
@@ -541,6 +563,11 @@ class DrMADModel(keras.Model):
         checks.one_of("curvature", curvature, reverse.CURVATURES)
         if reverse_steps is not None:
             reverse_steps = checks.positive_int("reverse_steps", reverse_steps)
+        if not isinstance(max_growth, (int, float)) or not max_growth > 1:
+            raise ValueError(
+                f"max_growth must be a number above 1 (inf turns the check "
+                f"off); got {max_growth!r}."
+            )
         x_hyper, y_hyper = self._as_tensors(x_hyper, y_hyper)
         verbose = resolve_verbose(verbose)
 

@@ -10,7 +10,9 @@ import math
 import keras
 from keras import ops
 
-GRANULARITIES = ("layer", "unit")
+from drmad_keras import options
+
+GRANULARITIES = options.GRANULARITIES
 
 
 @keras.saving.register_keras_serializable(package="drmad_keras")

@@ -27,8 +27,10 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-METHODS = ("drmad", "exact")
-CURVATURES = ("hessian", "gauss_newton")
+from drmad_keras import options
+
+METHODS = options.METHODS
+CURVATURES = options.CURVATURES
 
 # Steps run inside one compiled call; between calls the progress bar moves
 # and the reverse pass checks for divergence.
@@ -523,8 +525,12 @@ def meta_backward(
                 f"the {method} reverse pass ({curvature}) produced {what} "
                 f"within reverse steps {start}..{stop - 1} (forward steps "
                 f"{steps[0]}..{steps[-1]}); the hypergradient is unusable. "
-                "Try curvature='gauss_newton', fewer reverse_steps or a "
-                "smaller learning rate.",
+                + (
+                    "Try curvature='gauss_newton', fewer reverse_steps or a "
+                    "smaller learning rate."
+                    if curvature == "hessian"
+                    else "Try fewer reverse_steps or a smaller learning rate."
+                ),
                 phase="meta-backward",
                 step=int(steps[-1]),
             )

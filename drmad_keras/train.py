@@ -7,105 +7,20 @@ and benchmarks build their own `Config`.
 import contextlib
 import dataclasses
 import fcntl
+import glob
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 from absl import logging
 
-from drmad_keras import checks
 from drmad_keras import data
-from drmad_keras import reverse
 from drmad_keras import tuner as tuner_lib
+from drmad_keras.config import Config  # noqa: F401  (part of this API)
 
-ACTIVATIONS = ("tanh", "relu", "sigmoid", "elu", "softplus")
-GRANULARITIES = ("layer", "unit")
 PROJECT = "drmad"
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Everything one run of the main job depends on.
-
-    The defaults follow the DrMAD paper's MNIST setting (784-50-50-50-10
-    tanh, batch 50, momentum 0.9), scaled to the 5,000-image sample.
-    """
-
-    source: str = "mnist_sample"
-    data_dir: str = None
-    eset: int = 2000
-    hset: int = 1000
-    vset: int = 1000
-    test: int = 1000
-    hidden: tuple = (50, 50, 50)
-    activation: str = "tanh"
-    episodes: int = 20
-    steps: int = 1000
-    batch_size: int = 50
-    learning_rate: float = 0.1
-    momentum: float = 0.9
-    init_log_l2: float = -3.0
-    granularity: str = "layer"
-    meta_optimizer: str = "adam"
-    meta_learning_rate: float = 0.2
-    method: str = "drmad"
-    curvature: str = None
-    reverse_steps: int = None
-    seed: int = 0
-    output_dir: str = "runs/mnist"
-    gpu: bool = False
-    verbose: object = "auto"
-
-    def __post_init__(self):
-        checks.one_of("source", self.source, data.SOURCES)
-        for name in (
-            "eset",
-            "hset",
-            "vset",
-            "test",
-            "episodes",
-            "steps",
-            "batch_size",
-        ):
-            checks.positive_int(name, getattr(self, name))
-        if not self.hidden:
-            raise ValueError("hidden must name at least one layer size.")
-        for size in self.hidden:
-            checks.positive_int("hidden size", size)
-        checks.one_of("activation", self.activation, ACTIVATIONS)
-        if self.batch_size > self.eset:
-            raise ValueError(
-                f"batch_size {self.batch_size} is larger than ESet "
-                f"({self.eset} examples)."
-            )
-        checks.positive_float("learning_rate", self.learning_rate)
-        checks.float_in_range("momentum", self.momentum, 0.0, 1.0)
-        checks.finite_float("init_log_l2", self.init_log_l2)
-        checks.one_of("granularity", self.granularity, GRANULARITIES)
-        checks.one_of(
-            "meta_optimizer", self.meta_optimizer, tuner_lib.META_OPTIMIZERS
-        )
-        checks.positive_float("meta_learning_rate", self.meta_learning_rate)
-        checks.one_of("method", self.method, reverse.METHODS)
-        if self.curvature is not None:
-            checks.one_of("curvature", self.curvature, reverse.CURVATURES)
-        if self.reverse_steps is not None:
-            checks.positive_int("reverse_steps", self.reverse_steps)
-            if self.reverse_steps > self.steps:
-                raise ValueError(
-                    f"reverse_steps ({self.reverse_steps}) cannot exceed "
-                    f"steps ({self.steps})."
-                )
-
-    def chain_settings(self):
-        """The settings a resumed run must share with the one it resumes
-        (all but the number of episodes and how output looks)."""
-        settings = dataclasses.asdict(self)
-        for name in ("episodes", "output_dir", "gpu", "verbose"):
-            settings.pop(name)
-        settings["hidden"] = list(self.hidden)
-        return settings
 
 
 def build_model(config, inputs=784, classes=10, model_class=None, metrics=None):
@@ -195,22 +110,58 @@ def _exclusive(output_dir):
         lock.close()
 
 
+def _finished_episodes(output_dir):
+    """How many trial files under `output_dir` say COMPLETED."""
+    count = 0
+    pattern = os.path.join(output_dir, PROJECT, "trial_*", "trial.json")
+    for path in glob.glob(pattern):
+        try:
+            with open(path, encoding="utf-8") as f:
+                count += json.load(f).get("status") == "COMPLETED"
+        except (OSError, ValueError, AttributeError):
+            count += 1  # Unreadable: let the resume report it.
+    return count
+
+
 def _check_settings(config):
-    """Refuses to continue a run made with other settings."""
+    """Refuses to continue a run made with other settings.
+
+    The settings are compared only once the directory holds an episode, so
+    that a run that stopped before its first episode does not block a
+    corrected one.
+    """
     saved = os.path.join(config.output_dir, "config.json")
     current = config.chain_settings()
-    if not os.path.exists(saved):
-        tuner_lib.write_json(saved, current)
-        return
-    with open(saved, encoding="utf-8") as f:
-        previous = json.load(f)
-    changed = sorted(k for k in current if previous.get(k) != current[k])
-    if changed:
-        raise ValueError(
-            f"output_dir {config.output_dir!r} holds a run with other "
-            f"settings ({', '.join(changed)}); resume it with the same "
-            "settings or choose another output_dir."
+    started = _finished_episodes(config.output_dir)
+    if not started:
+        # Nothing worth keeping: start afresh with these settings.
+        shutil.rmtree(
+            os.path.join(config.output_dir, PROJECT), ignore_errors=True
         )
+    if started and not os.path.exists(saved):
+        raise ValueError(
+            f"output_dir {config.output_dir!r} holds episodes but no "
+            "config.json to check them against; choose another output_dir."
+        )
+    if started:
+        try:
+            with open(saved, encoding="utf-8") as f:
+                previous = json.load(f)
+            changed = sorted(
+                k for k in current if previous.get(k) != current[k]
+            )
+        except (OSError, ValueError, AttributeError) as error:
+            raise ValueError(
+                f"{saved} cannot be read ({type(error).__name__}); choose "
+                "another output_dir."
+            ) from None
+        if changed:
+            raise ValueError(
+                f"output_dir {config.output_dir!r} holds a run with other "
+                f"settings ({', '.join(changed)}); resume it with the same "
+                "settings or choose another output_dir."
+            )
+    tuner_lib.write_json(saved, current)
 
 
 def run(config):
@@ -218,8 +169,8 @@ def run(config):
 
     A run on an `output_dir` that already holds finished episodes continues
     from the last of them; a second process on the same `output_dir` is
-    refused while the first runs. `results.json` is written even when the
-    search stops on an error.
+    refused while the first runs. `results.json` is rewritten after every
+    episode, and when the search stops on an error or an interrupt.
 
     Args:
         config: `Config`.
@@ -229,43 +180,63 @@ def run(config):
 
     Raises:
         ValueError: For an `output_dir` that cannot be written or holds a
-            run with other settings, and for bad data settings.
-        RuntimeError: If `output_dir` is in use, MNIST cannot be loaded, or
-            too many episodes in a row failed.
+            run with other settings.
+        RuntimeError: If `output_dir` is in use or its files cannot be
+            read, MNIST cannot be loaded, or no episode finished.
     """
     _writable(config.output_dir)
     with _exclusive(config.output_dir):
+        splits = data.load(
+            config.source,
+            sizes={
+                "eset": config.eset,
+                "hset": config.hset,
+                "vset": config.vset,
+                "test": config.test,
+            },
+            seed=config.seed,
+            data_dir=config.data_dir,
+        )
+        logging.info("splits from %s: %s", splits.source, splits.sizes())
         _check_settings(config)
-        return _run_locked(config)
+        return _search(config, splits)
 
 
-def _run_locked(config):
-    splits = data.load(
-        config.source,
-        sizes={
-            "eset": config.eset,
-            "hset": config.hset,
-            "vset": config.vset,
-            "test": config.test,
-        },
-        seed=config.seed,
-        data_dir=config.data_dir,
-    )
-    logging.info("splits from %s: %s", splits.source, splits.sizes())
+class _MainJobTuner(tuner_lib.DrMADTuner):
+    """Rewrites results.json after every episode."""
 
-    tuner = tuner_lib.DrMADTuner(
-        lambda hp: build_model(config),
-        max_trials=config.episodes,
-        method=config.method,
-        curvature=config.curvature,
-        reverse_steps=config.reverse_steps,
-        meta_optimizer=config.meta_optimizer,
-        meta_learning_rate=config.meta_learning_rate,
-        seed=config.seed,
-        directory=config.output_dir,
-        project_name=PROJECT,
-        overwrite=False,
-    )
+    def on_trial_end(self, trial):
+        super().on_trial_end(trial)
+        write_outputs(
+            summarize(self, self.splits, self.config, test=False),
+            self.config.output_dir,
+            figures=False,
+        )
+
+
+def _search(config, splits):
+    try:
+        tuner = _MainJobTuner(
+            lambda hp: build_model(config),
+            max_trials=config.episodes,
+            method=config.method,
+            curvature=config.curvature,
+            reverse_steps=config.reverse_steps,
+            meta_optimizer=config.meta_optimizer,
+            meta_learning_rate=config.meta_learning_rate,
+            seed=config.seed,
+            directory=config.output_dir,
+            project_name=PROJECT,
+            overwrite=False,
+        )
+    except (OSError, ValueError, KeyError) as error:
+        raise RuntimeError(
+            f"cannot resume from output_dir {config.output_dir!r}: "
+            f"{type(error).__name__}: {str(error).splitlines()[0]}; a file "
+            "of it is damaged: choose another output_dir."
+        ) from error
+    tuner.splits, tuner.config = splits, config
+
     try:
         tuner.search(
             *splits.eset,
@@ -275,17 +246,29 @@ def _run_locked(config):
             steps=config.steps,
             verbose=config.verbose,
         )
-    except RuntimeError as error:
+    except (RuntimeError, KeyboardInterrupt) as error:
         # keras-tuner stops after too many failed trials in a row; keep
         # what finished and say where the reasons are.
-        write_outputs(summarize(tuner, splits, config), config.output_dir)
+        write_outputs(
+            summarize(tuner, splits, config, test=False),
+            config.output_dir,
+            figures=False,
+        )
+        if isinstance(error, KeyboardInterrupt):
+            raise
         raise RuntimeError(
-            f"the search stopped: {error} The reason of each failed "
-            "episode is under 'message' in "
+            f"the search stopped: {str(error).splitlines()[0]} The reason "
+            "of each failed episode is under 'message' in "
             f"{os.path.join(config.output_dir, 'results.json')}."
         ) from error
     results = summarize(tuner, splits, config)
     write_outputs(results, config.output_dir)
+    if "best" not in results:
+        failed = [e for e in results["episodes"] if e.get("message")]
+        reason = failed[-1]["message"].splitlines()[0] if failed else ""
+        raise RuntimeError(
+            f"no episode finished; the last one failed: {reason}"
+        )
     if config.verbose != 0:
         print(summary_text(results))
     return results
@@ -304,8 +287,9 @@ def _plain(value):
     return value
 
 
-def summarize(tuner, splits, config):
-    """Episodes, the best one by VSet error, and test errors."""
+def summarize(tuner, splits, config, test=True):
+    """Episodes, the best one by VSet error, and (with `test`) the test
+    errors of the first and the best episode."""
     episodes = _plain(tuner.episodes())
     completed = [e for e in episodes if e["status"] == "COMPLETED"]
     results = {
@@ -314,8 +298,8 @@ def summarize(tuner, splits, config):
         "splits": splits.sizes(),
         "source": splits.source,
     }
-    if not completed:
-        return results
+    if not completed or not test:
+        return _plain(results)
     best = min(completed, key=lambda e: (e["val_error"], e["episode"]))
     first = completed[0]
     for name, row in (("first", first), ("best", best)):
@@ -343,9 +327,12 @@ def summary_text(results):
     return "\n".join(lines)
 
 
-def write_outputs(results, output_dir):
-    """Writes results.json, TensorBoard scalars and PNG plots."""
+def write_outputs(results, output_dir, figures=True):
+    """Writes results.json and, with `figures`, TensorBoard scalars and PNG
+    plots."""
     tuner_lib.write_json(os.path.join(output_dir, "results.json"), results)
+    if not figures:
+        return
     completed = [e for e in results["episodes"] if e["status"] == "COMPLETED"]
     if not completed:
         return

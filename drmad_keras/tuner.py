@@ -13,6 +13,7 @@ episode (`reshuffle=True` changes it).
 """
 
 import copy
+import inspect
 import json
 import os
 import random
@@ -24,11 +25,12 @@ import numpy as np
 from absl import logging
 
 from drmad_keras import checks
+from drmad_keras import options
 from drmad_keras import reverse
 from drmad_keras.model import DrMADModel
 from drmad_keras.model import resolve_verbose
 
-META_OPTIMIZERS = ("adam", "sign_sgd")
+META_OPTIMIZERS = options.META_OPTIMIZERS
 NEXT_PREFIX = "next_"
 # The hyperparameter naming a trial's chain, when there are several.
 CHAIN = "chain"
@@ -42,6 +44,20 @@ def _atomic_write(path, write):
     tmp = f"{path}.tmp-{os.getpid()}"
     write(tmp)
     os.replace(tmp, path)
+
+
+def _save_state_atomically(stateful, fname):
+    """`Stateful.save`, but written to a temporary file and moved into
+    place, so that a process killed mid-write leaves the old file whole."""
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(stateful.get_state(), f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    os.makedirs(os.path.dirname(fname) or ".", exist_ok=True)
+    _atomic_write(fname, write)
 
 
 def save_episode(path, arrays):
@@ -194,6 +210,15 @@ class DrMADOracle(keras_tuner.Oracle):
             hp.name: rng.uniform(hp.min_value, hp.max_value) for hp in space
         }
 
+    def save(self):
+        _save_state_atomically(self, self._get_oracle_fname())
+
+    def _save_trial(self, trial):
+        _save_state_atomically(
+            trial,
+            os.path.join(self._get_trial_dir(trial.trial_id), "trial.json"),
+        )
+
     def populate_space(self, trial_id):
         # The chain with the fewest trials among those with none running
         # (with several workers, a chain runs one episode at a time) and
@@ -308,6 +333,12 @@ class _ChainHyperModel(keras_tuner.HyperModel):
                 "the model has no HyperRegularizer layer, so DrMADTuner has "
                 "nothing to tune; wrap layers in drmad_keras.HyperRegularizer."
             )
+        names = [reg.hp_name for reg in regs]
+        if len(set(names)) != len(names):
+            raise ValueError(
+                "two HyperRegularizers wrap layers of the same name "
+                f"({names}); give every wrapped layer a unique name."
+            )
         low, high = self.log_l2_range
         if self.chains > 1:
             hp.Int(CHAIN, 0, self.chains - 1)
@@ -344,7 +375,7 @@ class DrMADTuner(keras_tuner.Tuner):
         curvature: str or None. See `DrMADModel.hypergradient`.
         reverse_steps: int or None. See `DrMADModel.hypergradient`.
         meta_optimizer: str, default `"adam"`. `"adam"` or `"sign_sgd"`.
-        meta_learning_rate: float, default 0.1.
+        meta_learning_rate: float, default 0.2.
         log_l2_range: (float, float), default (-12, 2). Clip range.
         redraw_init: bool, default False. Draw new initial weights each
             episode.
@@ -370,7 +401,7 @@ class DrMADTuner(keras_tuner.Tuner):
         curvature=None,
         reverse_steps=None,
         meta_optimizer="adam",
-        meta_learning_rate=0.1,
+        meta_learning_rate=0.2,
         log_l2_range=(-12.0, 2.0),
         redraw_init=False,
         reshuffle=False,
@@ -426,8 +457,48 @@ class DrMADTuner(keras_tuner.Tuner):
                 `callbacks`.
         """
         self._verbose = resolve_verbose(verbose)
+        self._check_search_args(fit_args, fit_kwargs)
         self.oracle.verbose = 1 if self._verbose == 1 else 0
         super().search(*fit_args, **fit_kwargs)
+
+    def _check_search_args(self, fit_args, fit_kwargs):
+        """Refuses bad data and settings before any episode runs."""
+        try:
+            bound = inspect.signature(self.run_trial).bind(
+                None, *fit_args, **fit_kwargs
+            )
+        except TypeError as error:
+            raise TypeError(
+                "DrMADTuner.search takes x, y, hyper_data=(x, y), "
+                "validation_data=(x, y), batch_size, steps, epochs, "
+                f"callbacks and verbose: {error}"
+            ) from None
+        args = bound.arguments
+        for name in ("hyper_data", "validation_data"):
+            _pair(name, args[name])
+        batch_size = checks.positive_int(
+            "batch_size", args.get("batch_size", 50)
+        )
+        if args.get("steps") is not None:
+            checks.positive_int("steps", args["steps"])
+        checks.positive_int("epochs", args.get("epochs", 1))
+        if batch_size > len(args["x"]):
+            raise ValueError(
+                f"batch_size {batch_size} is larger than the "
+                f"{len(args['x'])} ESet examples."
+            )
+
+        # Every split through a model of the search space.
+        model = self.hypermodel.build(self.oracle.get_space())
+        for name, (x, y) in (
+            ("ESet (x, y)", (args["x"], args["y"])),
+            ("hyper_data", args["hyper_data"]),
+            ("validation_data", args["validation_data"]),
+        ):
+            try:
+                model._as_tensors(x, y)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"{name}: {error}") from None
 
     def pre_create_trial(self):
         # The oracle answers IDLE while every chain has an episode running
@@ -439,6 +510,23 @@ class DrMADTuner(keras_tuner.Tuner):
     def on_trial_begin(self, trial):
         self._waiting = False
         super().on_trial_begin(trial)
+
+    def _try_run_and_update_trial(self, trial, *fit_args, **fit_kwargs):
+        # A diverged episode fails with its reason in one line; other
+        # errors keep keras-tuner's handling (the traceback as message).
+        try:
+            self._run_and_update_trial(trial, *fit_args, **fit_kwargs)
+            trial.status = keras_tuner.engine.trial.TrialStatus.COMPLETED
+        except reverse.DivergenceError as error:
+            trial.status = keras_tuner.engine.trial.TrialStatus.FAILED
+            trial.message = f"{error.phase} diverged: {error}"
+            logging.warning(
+                "episode %s failed: %s", trial.trial_id, trial.message
+            )
+            if getattr(self, "_verbose", 2):
+                print(
+                    f"episode {int(trial.trial_id):3d}  failed: {trial.message}"
+                )
 
     # One episode -------------------------------------------------------------
 
@@ -628,9 +716,18 @@ class DrMADTuner(keras_tuner.Tuner):
             part("start/"), part("grad/"), part("optprev/"), scale=scale
         )
 
+    def save(self):
+        """Saves the tuner and its oracle, each file atomically."""
+        if not self._is_worker():
+            self.oracle.save()
+        _save_state_atomically(self, self._get_tuner_fname())
+
     def save_model(self, trial_id, model, step=0):
         """Saves the weights (with `log_l2`) and the build config."""
-        model.save_weights(self._get_checkpoint_fname(trial_id))
+        final = self._get_checkpoint_fname(trial_id)
+        tmp = f"{final[: -len('.weights.h5')]}-{os.getpid()}.weights.h5"
+        model.save_weights(tmp)
+        os.replace(tmp, final)
         write_json(
             self._get_build_config_fname(trial_id), model.get_build_config()
         )
@@ -676,7 +773,10 @@ class DrMADTuner(keras_tuner.Tuner):
 
 def _pair(name, value):
     if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise ValueError(f"{name} must be a pair (x, y); got {type(value)}.")
+        raise ValueError(
+            f"{name} must be a pair (x, y) of arrays; got "
+            f"{type(value).__name__}."
+        )
     return value
 
 

@@ -79,6 +79,91 @@ def test_bad_data(small_mnist, change, error, match):
         fitted.hypergradient(x, y, verbose=0)
 
 
+def test_seed_must_be_an_integer(small_mnist):
+    model = mlp(98, [4])
+    for seed, error in ((None, TypeError), (1.5, TypeError), (-1, ValueError)):
+        with pytest.raises(error, match="seed"):
+            model.fit(
+                small_mnist["x_e"],
+                small_mnist["y_e"],
+                batch_size=20,
+                steps=2,
+                seed=seed,
+                verbose=0,
+            )
+
+
+def test_duplicate_layer_names_are_refused(small_mnist):
+    x_in = keras.Input((98,))
+    h = drmad_keras.HyperRegularizer(keras.layers.Dense(8, name="same"))(x_in)
+    out = drmad_keras.HyperRegularizer(
+        keras.layers.Dense(10, name="same"), name="again"
+    )(h)
+    model = drmad_keras.DrMADModel(x_in, out)
+    model.compile(
+        optimizer=drmad_keras.MomentumSGD(),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    with pytest.raises(ValueError, match="same name"):
+        model.fit(small_mnist["x_e"], small_mnist["y_e"], steps=2)
+
+
+def test_float_labels(small_mnist):
+    model = mlp(98, [4])
+    y = small_mnist["y_e"].astype("float32")
+    model.fit(small_mnist["x_e"], y, batch_size=20, steps=2, verbose=0)
+    with pytest.raises(ValueError, match="whole class ids"):
+        model.fit(small_mnist["x_e"], y + 0.5, batch_size=20, steps=2)
+    with pytest.raises(ValueError, match="labels must be in"):
+        model.fit(small_mnist["x_e"], y + 10.0, batch_size=20, steps=2)
+
+
+def test_search_refuses_bad_data_before_any_episode(small_mnist, tmp_path):
+    tuner = tuner_lib.DrMADTuner(
+        lambda hp: mlp(98, [4]),
+        max_trials=2,
+        directory=tmp_path,
+        project_name="bad",
+    )
+    x, y = small_mnist["x_e"], small_mnist["y_e"]
+    cases = [
+        ({"validation_data": (x, y)}, TypeError, "hyper_data"),
+        (
+            {"hyper_data": (x,), "validation_data": (x, y)},
+            ValueError,
+            "hyper_data must be a pair",
+        ),
+        (
+            {"hyper_data": (x[:, :50], y), "validation_data": (x, y)},
+            ValueError,
+            "hyper_data: inputs of shape",
+        ),
+        (
+            {"hyper_data": (x, y), "validation_data": (x, y + 3)},
+            ValueError,
+            "validation_data: labels",
+        ),
+        (
+            {"hyper_data": (x, y), "validation_data": (x, y), "foo": 1},
+            TypeError,
+            "foo",
+        ),
+        (
+            {
+                "hyper_data": (x, y),
+                "validation_data": (x, y),
+                "batch_size": 1000,
+            },
+            ValueError,
+            "batch_size",
+        ),
+    ]
+    for kwargs, error, match in cases:
+        with pytest.raises(error, match=match):
+            tuner.search(x, y, verbose=0, **kwargs)
+    assert tuner.oracle.trials == {}
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -271,7 +356,11 @@ def test_killed_run_resumes_to_the_same_results(tmp_path):
             break
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (killed / "results.json").exists()
+    # What finished before the kill is already in results.json.
+    partial = json.loads((killed / "results.json").read_text())["episodes"]
+    assert [e["episode"] for e in partial][:1] == [0]
+    assert len(partial) < 4
+    assert all(e["status"] == "COMPLETED" for e in partial)
 
     again = subprocess.run(
         [sys.executable, SCRIPT, *args, f"--output_dir={killed}"],

@@ -330,16 +330,35 @@ def test_exploding_reverse_pass_is_reported(small_mnist):
         seed=0,
         verbose=0,
     )
-    # Any growth of the reverse state's norm beyond max_growth is refused.
+    # A reverse state whose norm ends above max_growth times its start is
+    # refused (a limit below 1 makes any pass trip it).
+    run = model.last_run
+    _, d_theta = reverse.hset_gradient(
+        model.objective(),
+        run.theta_T,
+        tf.constant(small_mnist["x_h"], tf.float32),
+        tf.constant(small_mnist["y_h"]),
+    )
     with pytest.raises(drmad_keras.DivergenceError, match="norm") as info:
-        model.hypergradient(
-            small_mnist["x_h"],
-            small_mnist["y_h"],
+        reverse.meta_backward(
+            model.objective(),
+            run.theta_0,
+            run.theta_T,
+            run.log_l2,
+            run.x,
+            run.y,
+            run.batch_order(),
+            run.alpha,
+            run.gamma,
+            d_theta,
             curvature="hessian",
             max_growth=0.5,
-            verbose=0,
         )
     assert info.value.phase == "meta-backward"
+    with pytest.raises(ValueError, match="max_growth"):
+        model.hypergradient(
+            small_mnist["x_h"], small_mnist["y_h"], max_growth=float("nan")
+        )
 
 
 def test_non_finite_reverse_pass_is_reported(small_mnist):

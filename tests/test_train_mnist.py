@@ -76,6 +76,8 @@ def test_end_to_end_writes_its_files(tmp_path):
         (["--steps=abc"], "steps"),
         (["--source=cifar"], "source"),
         (["stray"], "unexpected"),
+        (["--eset=4500"], "more images"),
+        (["--seed=-1"], "seed"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(tmp_path, args, flag):
@@ -87,7 +89,24 @@ def test_bad_flags_exit_2_with_one_line(tmp_path, args, flag):
         if line.startswith("train_mnist: error:")
     ]
     assert len(errors) == 1 and flag in errors[0], done.stderr
-    assert "Traceback" not in done.stderr
+    # Nothing else: the settings are refused before TensorFlow loads.
+    assert done.stderr.strip() == errors[0]
+
+
+def test_a_run_with_no_finished_episode(tmp_path):
+    # Every episode diverges: exit 2, and the directory does not block a
+    # corrected run.
+    done = run_script(
+        *TINY, "--learning_rate=1e6", "--steps=40", f"--output_dir={tmp_path}"
+    )
+    assert done.returncode == 2
+    assert "no episode finished" in done.stderr.strip().splitlines()[-1]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert all(e["status"] == "FAILED" for e in results["episodes"])
+    assert "diverged" in results["episodes"][0]["message"]
+    assert "Traceback" not in results["episodes"][0]["message"]
+    again = run_script(*TINY, f"--output_dir={tmp_path}")
+    assert again.returncode == 0, again.stderr
 
 
 def test_gpu_flag_without_a_gpu(tmp_path):

@@ -1,0 +1,115 @@
+"""`Config`: the settings of one run of the main job.
+
+It imports no TensorFlow, so that `bin/train_mnist` can refuse bad flags at
+once.
+"""
+
+import dataclasses
+
+from drmad_keras import checks
+from drmad_keras import options
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything one run of the main job depends on.
+
+    The defaults follow the DrMAD paper's MNIST setting (784-50-50-50-10
+    tanh, batch 50, momentum 0.9), scaled to the 5,000-image sample.
+    """
+
+    source: str = "mnist_sample"
+    data_dir: str = None
+    eset: int = 2000
+    hset: int = 1000
+    vset: int = 1000
+    test: int = 1000
+    hidden: tuple = (50, 50, 50)
+    activation: str = "tanh"
+    episodes: int = 20
+    steps: int = 1000
+    batch_size: int = 50
+    learning_rate: float = 0.1
+    momentum: float = 0.9
+    init_log_l2: float = -3.0
+    granularity: str = "layer"
+    meta_optimizer: str = "adam"
+    meta_learning_rate: float = 0.2
+    method: str = "drmad"
+    curvature: str = None
+    reverse_steps: int = None
+    seed: int = 0
+    output_dir: str = "runs/mnist"
+    gpu: bool = False
+    verbose: object = "auto"
+
+    def __post_init__(self):
+        checks.one_of("source", self.source, options.SOURCES)
+        for name in (
+            "eset",
+            "hset",
+            "vset",
+            "test",
+            "episodes",
+            "steps",
+            "batch_size",
+        ):
+            checks.positive_int(name, getattr(self, name))
+        if not self.hidden:
+            raise ValueError("hidden must name at least one layer size.")
+        for size in self.hidden:
+            checks.positive_int("hidden size", size)
+        checks.one_of("activation", self.activation, options.ACTIVATIONS)
+        if self.batch_size > self.eset:
+            raise ValueError(
+                f"batch_size {self.batch_size} is larger than ESet "
+                f"({self.eset} examples)."
+            )
+        checks.positive_float("learning_rate", self.learning_rate)
+        checks.float_in_range("momentum", self.momentum, 0.0, 1.0)
+        checks.finite_float("init_log_l2", self.init_log_l2)
+        checks.one_of("granularity", self.granularity, options.GRANULARITIES)
+        checks.one_of(
+            "meta_optimizer", self.meta_optimizer, options.META_OPTIMIZERS
+        )
+        checks.positive_float("meta_learning_rate", self.meta_learning_rate)
+        checks.one_of("method", self.method, options.METHODS)
+        if self.curvature is not None:
+            checks.one_of("curvature", self.curvature, options.CURVATURES)
+        if self.reverse_steps is not None:
+            checks.positive_int("reverse_steps", self.reverse_steps)
+            if self.reverse_steps > self.steps:
+                raise ValueError(
+                    f"reverse_steps ({self.reverse_steps}) cannot exceed "
+                    f"steps ({self.steps})."
+                )
+
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an integer; got {self.seed!r}.")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32); got {self.seed}.")
+        training, test = options.SOURCE_SIZES[self.source]
+        fitted = self.eset + self.hset + self.vset
+        if test is None:
+            too_many = fitted + self.test > training
+            has = f"{training} images"
+        else:
+            too_many = fitted > training or self.test > test
+            has = f"{training} training and {test} test images"
+        if too_many:
+            raise ValueError(
+                f"the splits (eset {self.eset}, hset {self.hset}, vset "
+                f"{self.vset}, test {self.test}) ask for more images than "
+                f"{self.source} has ({has})."
+            )
+
+    def chain_settings(self):
+        """The settings a resumed run must share with the one it resumes
+        (all but the number of episodes and how output looks)."""
+        settings = dataclasses.asdict(self)
+        for name in ("episodes", "output_dir", "gpu", "verbose"):
+            settings.pop(name)
+        if self.source == "mnist_sample":
+            settings.pop("data_dir")
+        settings["hidden"] = list(self.hidden)
+        return settings
