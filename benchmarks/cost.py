@@ -9,15 +9,16 @@
 2. One episode (meta-forward plus meta-backward) per method, against a
    stock Keras `fit` of the same `T` steps.
 3. Peak extra memory of a run plus its meta-backward, for `exact` and
-   `drmad`, at several `T`, each in a fresh process (peak resident set size
-   above the level after a warm-up run).
+   `drmad`, at several `T`, each in a fresh process: the peak resident set
+   size, sampled every millisecond, above its level before the run.
 """
 
 import json
 import os
-import resource
 import subprocess
 import sys
+import threading
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -124,29 +125,61 @@ def episode_seconds(config, split, steps, repeats):
     return out
 
 
-def _peak_rss_bytes():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+class _PeakRss:
+    """Samples this process's resident set size every millisecond."""
+
+    def __enter__(self):
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.start = self.peak = self._rss()
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _rss(self):
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, self._rss())
 
 
 def memory_probe(method, steps):
-    """Run in a fresh process: peak extra bytes of one run of T steps and
-    its meta-backward, and the bytes of parameters the run record holds."""
+    """Run in a fresh process: peak extra bytes (resident set size above
+    its level before the run) of one run of T steps and its meta-backward,
+    and the bytes of parameters the run record holds."""
     config = common.paper_config()
     split = common.splits(config)
     (x, y), (x_h, y_h) = split.eset, split.hset
     model = common.drmad_model(config)
     record = method == "exact"
-    # Warm-up: trace every function on a short run.
-    model.fit(x, y, batch_size=50, steps=2, record_trajectory=record, verbose=0)
+    # Warm-up: trace every function, on whole and partial chunks.
+    model.fit(
+        x, y, batch_size=50, steps=150, record_trajectory=record, verbose=0
+    )
     model.hypergradient(x_h, y_h, method=method, verbose=0)
     model.last_run = None
-    base = _peak_rss_bytes()
-    model.fit(
-        x, y, batch_size=50, steps=steps, record_trajectory=record, verbose=0
-    )
-    model.hypergradient(x_h, y_h, method=method, verbose=0, max_growth=np.inf)
+    with _PeakRss() as rss:
+        model.fit(
+            x,
+            y,
+            batch_size=50,
+            steps=steps,
+            record_trajectory=record,
+            verbose=0,
+        )
+        model.hypergradient(
+            x_h, y_h, method=method, verbose=0, max_growth=np.inf
+        )
     return {
-        "peak_extra_bytes": max(_peak_rss_bytes() - base, 0),
+        "peak_extra_bytes": max(rss.peak - rss.start, 0),
         "held_bytes": model.last_run.held_bytes(),
     }
 
