@@ -67,7 +67,7 @@ class Config:
             )
         checks.positive_float("learning_rate", self.learning_rate)
         checks.float_in_range("momentum", self.momentum, 0.0, 1.0)
-        checks.finite_float("init_log_l2", self.init_log_l2)
+        checks.float_in_range("init_log_l2", self.init_log_l2, -12.0, 2.0)
         checks.one_of("granularity", self.granularity, options.GRANULARITIES)
         checks.one_of(
             "meta_optimizer", self.meta_optimizer, options.META_OPTIMIZERS

@@ -255,9 +255,15 @@ class DrMADModel(keras.Model):
                     f"no hyperparameter {name!r}; the model has {sorted(regs)}."
                 )
             var = regs[name].log_l2
-            value = np.broadcast_to(
-                np.asarray(value, dtype=var.dtype), var.shape
-            )
+            try:
+                value = np.broadcast_to(
+                    np.asarray(value, dtype=var.dtype), var.shape
+                )
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"{name} takes a number or an array of shape "
+                    f"{tuple(var.shape)}; got {value!r}."
+                ) from None
             if not np.all(np.isfinite(value)):
                 raise ValueError(f"{name} must be finite; got {value}.")
             var.assign(value)

@@ -44,6 +44,11 @@ class HyperRegularizer(keras.layers.Wrapper):
                 "HyperRegularizer wraps a Keras layer with a kernel, such as "
                 f"keras.layers.Dense; got {type(layer).__name__}."
             )
+        if isinstance(layer, HyperRegularizer):
+            raise TypeError(
+                "HyperRegularizer wraps the layer with the kernel itself, "
+                "not another HyperRegularizer."
+            )
         if granularity not in GRANULARITIES:
             raise ValueError(
                 f"granularity must be one of {GRANULARITIES}; "

@@ -73,6 +73,10 @@ def build_model(config, inputs=784, classes=10, model_class=None, metrics=None):
 
 def _writable(output_dir):
     """Creates `output_dir`, or raises naming what is wrong."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(
+            f"output_dir {output_dir!r} is a file, not a directory."
+        )
     try:
         os.makedirs(output_dir, exist_ok=True)
         probe = os.path.join(output_dir, f".write-test-{os.getpid()}")

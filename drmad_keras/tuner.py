@@ -97,6 +97,14 @@ class MetaOptimizer:
         self.learning_rate = checks.positive_float(
             "meta_learning_rate", learning_rate
         )
+        if (
+            not isinstance(log_l2_range, (tuple, list))
+            or len(log_l2_range) != 2
+        ):
+            raise ValueError(
+                f"log_l2_range must be a pair (low, high); got "
+                f"{log_l2_range!r}."
+            )
         low, high = (
             checks.finite_float("log_l2_range", v) for v in log_l2_range
         )
@@ -412,6 +420,10 @@ class DrMADTuner(keras_tuner.Tuner):
         **kwargs,
     ):
         checks.positive_int("max_trials", max_trials)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(
+                f"seed must be a non-negative integer; got {seed!r}."
+            )
         checks.one_of(
             "objective", objective, ("val_error", "val_loss", "hset_loss")
         )

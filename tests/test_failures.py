@@ -223,6 +223,8 @@ def test_compile_needs_momentum_sgd():
         ({"learning_rate": 0.0}, "learning_rate"),
         ({"momentum": 1.5}, "momentum"),
         ({"init_log_l2": float("nan")}, "init_log_l2"),
+        ({"init_log_l2": 5.0}, "init_log_l2"),
+        ({"seed": 2**32}, "seed"),
         ({"hidden": ()}, "hidden"),
         ({"activation": "swish2"}, "activation"),
         ({"curvature": "fisher"}, "curvature"),
@@ -256,6 +258,14 @@ def test_output_dir_that_cannot_be_written(tmp_path):
     blocker.write_text("not a directory")
     config = train.Config(output_dir=str(blocker / "run"), **TINY_CONFIG)
     with pytest.raises(ValueError, match="cannot be written"):
+        train.run(config)
+
+
+def test_output_dir_that_is_a_file(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    config = train.Config(output_dir=str(blocker), **TINY_CONFIG)
+    with pytest.raises(ValueError, match="is a file"):
         train.run(config)
 
 

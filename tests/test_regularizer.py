@@ -70,6 +70,9 @@ def test_bad_arguments(kwargs, error):
 def test_not_a_layer():
     with pytest.raises(TypeError, match="Keras layer"):
         drmad_keras.HyperRegularizer("dense")
+    inner = drmad_keras.HyperRegularizer(keras.layers.Dense(2))
+    with pytest.raises(TypeError, match="not another"):
+        drmad_keras.HyperRegularizer(inner)
 
 
 def test_model_saves_and_loads(tmp_path):
