@@ -59,6 +59,45 @@ def run(strategy):
     return out
 
 
+def tuner_replicas(strategy, directory):
+    """Replicas seen by the model of a DrMADTuner episode run with
+    keras-tuner's `distribution_strategy`."""
+    from drmad_keras import tuner as tuner_lib
+
+    x, y = mnist_data()
+    x = (x[:, ::8] / 255.0).astype("float32")
+    tuner = tuner_lib.DrMADTuner(
+        lambda hp: mlp(98, [8]),
+        max_trials=1,
+        directory=directory,
+        distribution_strategy=strategy,
+    )
+    tuner.search(
+        x[::10],
+        y[::10],
+        hyper_data=(x[1::10], y[1::10]),
+        validation_data=(x[2::10], y[2::10]),
+        batch_size=20,
+        steps=10,
+        verbose=0,
+    )
+    model = tuner.get_best_models()[0]
+    trial = tuner.oracle.get_best_trials()[0]
+    return (
+        tuner._cached_model[1].objective().strategy.num_replicas_in_sync,
+        trial.status,
+        model is not None,
+    )
+
+
 if __name__ == "__main__":
     mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    print(json.dumps({"single": run(None), "mirrored": run(mirrored)}))
+    print(
+        json.dumps(
+            {
+                "single": run(None),
+                "mirrored": run(mirrored),
+                "tuner": tuner_replicas(mirrored, sys.argv[1]),
+            }
+        )
+    )
