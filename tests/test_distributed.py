@@ -53,7 +53,8 @@ def _wait_for(path, text, deadline):
 @pytest.mark.parametrize("kill_a_worker", [False, True])
 def test_chief_and_two_workers(tmp_path, kill_a_worker):
     port = _free_port()
-    steps = 400 if kill_a_worker else 25
+    # Long episodes when a worker is to be killed in the middle of one.
+    steps = 4000 if kill_a_worker else 25
     logs = {
         r: open(tmp_path / f"{r}.log", "w")
         for r in ("chief", "tuner0", "tuner1")
@@ -68,7 +69,6 @@ def test_chief_and_two_workers(tmp_path, kill_a_worker):
             # its next one, then start it again under the same id.
             log = tmp_path / "tuner1.log"
             assert _wait_for(log, "episode", time.time() + 240), log.read_text()
-            time.sleep(0.5)
             procs["tuner1"].send_signal(signal.SIGKILL)
             procs["tuner1"].wait()
             procs["tuner1"] = _start(
@@ -89,6 +89,10 @@ def test_chief_and_two_workers(tmp_path, kill_a_worker):
     assert len(episodes) == 6
     assert all(e["status"] == "COMPLETED" for e in episodes)
     assert sorted(e["chain"] for e in episodes) == [0, 0, 0, 1, 1, 1]
+    if kill_a_worker:
+        # Restarted, the killed worker took up an episode again.
+        after = (tmp_path / "tuner1.log").read_text().split("Reloading")[-1]
+        assert "episode " in after
     # Both workers ran episodes.
     worked = [
         (tmp_path / f"tuner{i}.log").read_text().count("episode ")
