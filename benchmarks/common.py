@@ -11,7 +11,6 @@ import keras  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
-from drmad_keras import data  # noqa: E402
 from drmad_keras import train  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -36,16 +35,7 @@ def paper_config(**changes):
 
 def splits(config):
     """The MNIST-sample splits of `config`."""
-    return data.load(
-        config.source,
-        sizes={
-            "eset": config.eset,
-            "hset": config.hset,
-            "vset": config.vset,
-            "test": config.test,
-        },
-        seed=config.seed,
-    )
+    return train.load_splits(config)
 
 
 def drmad_model(config):

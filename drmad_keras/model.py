@@ -268,12 +268,9 @@ class DrMADModel(keras.Model):
                 raise ValueError(f"{name} must be finite; got {value}.")
             var.assign(value)
 
-    def _check_ready(self):
-        if getattr(self, "_data_loss", None) is None:
-            raise ValueError(
-                "compile the model with drmad_keras.MomentumSGD and a loss "
-                "before fit()."
-            )
+    def check_hyper_regularizers(self):
+        """Returns the `HyperRegularizer`s, or raises if there are none or
+        two share a hyperparameter name."""
         regs = self.hyper_regularizers
         if not regs:
             raise ValueError(
@@ -287,6 +284,15 @@ class DrMADModel(keras.Model):
                 "two HyperRegularizers wrap layers of the same name "
                 f"({names}); give every wrapped layer a unique name."
             )
+        return regs
+
+    def _check_ready(self):
+        if getattr(self, "_data_loss", None) is None:
+            raise ValueError(
+                "compile the model with drmad_keras.MomentumSGD and a loss "
+                "before fit()."
+            )
+        regs = self.check_hyper_regularizers()
         hyper_ids = {id(reg.log_l2) for reg in regs}
         others = [
             v.path

@@ -71,6 +71,21 @@ def build_model(config, inputs=784, classes=10, model_class=None, metrics=None):
     return model
 
 
+def load_splits(config):
+    """The ESet, HSet, VSet and test splits that `config` asks for."""
+    return data.load(
+        config.source,
+        sizes={
+            "eset": config.eset,
+            "hset": config.hset,
+            "vset": config.vset,
+            "test": config.test,
+        },
+        seed=config.seed,
+        data_dir=config.data_dir,
+    )
+
+
 def _writable(output_dir):
     """Creates `output_dir`, or raises naming what is wrong."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
@@ -190,17 +205,7 @@ def run(config):
     """
     _writable(config.output_dir)
     with _exclusive(config.output_dir):
-        splits = data.load(
-            config.source,
-            sizes={
-                "eset": config.eset,
-                "hset": config.hset,
-                "vset": config.vset,
-                "test": config.test,
-            },
-            seed=config.seed,
-            data_dir=config.data_dir,
-        )
+        splits = load_splits(config)
         logging.info("splits from %s: %s", splits.source, splits.sizes())
         _check_settings(config)
         return _search(config, splits)

@@ -335,18 +335,7 @@ class _ChainHyperModel(keras_tuner.HyperModel):
                 "the build function must compile the DrMADModel with "
                 "drmad_keras.MomentumSGD and a loss."
             )
-        regs = model.hyper_regularizers
-        if not regs:
-            raise ValueError(
-                "the model has no HyperRegularizer layer, so DrMADTuner has "
-                "nothing to tune; wrap layers in drmad_keras.HyperRegularizer."
-            )
-        names = [reg.hp_name for reg in regs]
-        if len(set(names)) != len(names):
-            raise ValueError(
-                "two HyperRegularizers wrap layers of the same name "
-                f"({names}); give every wrapped layer a unique name."
-            )
+        regs = model.check_hyper_regularizers()
         low, high = self.log_l2_range
         if self.chains > 1:
             hp.Int(CHAIN, 0, self.chains - 1)
