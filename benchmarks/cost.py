@@ -38,11 +38,23 @@ METHODS = [
 ]
 
 
+def stock_fit_seconds(config, x, y, steps, repeats, **compile_changes):
+    """Median seconds of a stock Keras `fit` of `steps` steps (whole
+    epochs), after a warm-up epoch."""
+    epochs = steps // (len(x) // config.batch_size)
+    stock = common.stock_model(config, **compile_changes)
+    stock.fit(x, y, batch_size=config.batch_size, epochs=1, verbose=0)
+    return common.median_time(
+        lambda: stock.fit(
+            x, y, batch_size=config.batch_size, epochs=epochs, verbose=0
+        ),
+        repeats,
+    )
+
+
 def steps_per_second(config, x, y, steps, repeats):
     """Elementary steps per second of each way of training."""
-    epochs = steps // (len(x) // config.batch_size)
     rates = {}
-
     model = common.drmad_model(config)
     model.fit(x, y, batch_size=config.batch_size, steps=50, verbose=0)
     seconds = common.median_time(
@@ -57,15 +69,8 @@ def steps_per_second(config, x, y, steps, repeats):
         ("stock fit", {}),
         ("stock fit, steps_per_execution=50", {"steps_per_execution": 50}),
     ]:
-        stock = common.stock_model(config, **changes)
-        stock.fit(x, y, batch_size=config.batch_size, epochs=1, verbose=0)
-        seconds = common.median_time(
-            lambda: stock.fit(
-                x, y, batch_size=config.batch_size, epochs=epochs, verbose=0
-            ),
-            repeats,
-        )
-        rates[name] = epochs * (len(x) // config.batch_size) / seconds
+        seconds = stock_fit_seconds(config, x, y, steps, repeats, **changes)
+        rates[name] = steps / seconds
     return rates
 
 
@@ -75,15 +80,14 @@ def episode_seconds(config, split, steps, repeats):
     out = {}
     for method, curvature in METHODS:
         model = common.drmad_model(config)
-        record = method == "exact"
 
-        def episode():
+        def episode(length=steps):
             model.fit(
                 x,
                 y,
                 batch_size=config.batch_size,
-                steps=steps,
-                record_trajectory=record,
+                steps=length,
+                record_trajectory=method == "exact",
                 verbose=0,
             )
             model.hypergradient(
@@ -95,33 +99,9 @@ def episode_seconds(config, split, steps, repeats):
                 verbose=0,
             )
 
-        model.fit(
-            x,
-            y,
-            batch_size=config.batch_size,
-            steps=2,
-            record_trajectory=record,
-            verbose=0,
-        )
-        model.hypergradient(
-            x_h,
-            y_h,
-            method=method,
-            curvature=curvature,
-            max_growth=np.inf,
-            verbose=0,
-        )
+        episode(2)  # Warm-up: traces the compiled loops.
         out[f"{method}/{curvature}"] = common.median_time(episode, repeats)
-
-    stock = common.stock_model(config)
-    stock.fit(x, y, batch_size=config.batch_size, epochs=1, verbose=0)
-    epochs = steps // (len(x) // config.batch_size)
-    out["stock fit"] = common.median_time(
-        lambda: stock.fit(
-            x, y, batch_size=config.batch_size, epochs=epochs, verbose=0
-        ),
-        repeats,
-    )
+    out["stock fit"] = stock_fit_seconds(config, x, y, steps, repeats)
     return out
 
 

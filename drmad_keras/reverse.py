@@ -132,32 +132,26 @@ def hset_gradient(objective, theta, x, y):
     return loss, _zeros_for_none(tape.gradient(loss, theta), theta)
 
 
+def _second_order_product(scalar_fn, theta, log_l2, d_v):
+    """`(H_tt d_v, H_lt d_v)` of `scalar_fn(theta, log_l2)` by one
+    double-backward pass."""
+    with tf.GradientTape() as outer:
+        outer.watch([theta, log_l2])
+        with tf.GradientTape() as inner:
+            inner.watch(theta)
+            value = scalar_fn(theta, log_l2)
+        grads = _zeros_for_none(inner.gradient(value, theta), theta)
+    h_theta, h_lam = outer.gradient(
+        grads, [theta, log_l2], output_gradients=d_v
+    )
+    return _zeros_for_none(h_theta, theta), _zeros_for_none(h_lam, log_l2)
+
+
 def hessian_product(objective, theta, log_l2, x, y, d_v):
-    """`(H_tt d_v, H_lt d_v)` of `L1` by one double-backward pass."""
-    with tf.GradientTape() as outer:
-        outer.watch([theta, log_l2])
-        with tf.GradientTape() as inner:
-            inner.watch(theta)
-            loss = objective.train_loss(theta, log_l2, x, y)
-        grads = inner.gradient(loss, theta)
-    h_theta, h_lam = outer.gradient(
-        grads, [theta, log_l2], output_gradients=d_v
+    """`(H_tt d_v, H_lt d_v)` of `L1` on the batch `(x, y)`."""
+    return _second_order_product(
+        lambda t, lam: objective.train_loss(t, lam, x, y), theta, log_l2, d_v
     )
-    return _zeros_for_none(h_theta, theta), _zeros_for_none(h_lam, log_l2)
-
-
-def _penalty_product(objective, theta, log_l2, d_v):
-    """Exact `(H_tt d_v, H_lt d_v)` of the penalty term alone."""
-    with tf.GradientTape() as outer:
-        outer.watch([theta, log_l2])
-        with tf.GradientTape() as inner:
-            inner.watch(theta)
-            penalty = objective.penalty_fn(theta, log_l2)
-        grads = _zeros_for_none(inner.gradient(penalty, theta), theta)
-    h_theta, h_lam = outer.gradient(
-        grads, [theta, log_l2], output_gradients=d_v
-    )
-    return _zeros_for_none(h_theta, theta), _zeros_for_none(h_lam, log_l2)
 
 
 def gauss_newton_product(objective, theta, log_l2, x, y, d_v):
@@ -191,7 +185,9 @@ def gauss_newton_product(objective, theta, log_l2, x, y, d_v):
 
     # J^T H_z J d_v, then the penalty's exact share.
     ggn = _zeros_for_none(tape.gradient(z, theta, output_gradients=hjv), theta)
-    pen_theta, pen_lam = _penalty_product(objective, theta, log_l2, d_v)
+    pen_theta, pen_lam = _second_order_product(
+        objective.penalty_fn, theta, log_l2, d_v
+    )
     return [a + b for a, b in zip(ggn, pen_theta)], pen_lam
 
 
@@ -237,7 +233,9 @@ def _forward_chunk(
     """Runs `len(index)` elementary steps; returns the new state."""
     steps = tf.shape(index)[0]
     losses = tf.TensorArray(x.dtype, size=steps)
-    trajectory = [tf.TensorArray(w.dtype, size=steps) for w in theta]
+    trajectory = (
+        [tf.TensorArray(w.dtype, size=steps) for w in theta] if (record) else []
+    )
     for i in tf.range(steps):
         if record:
             trajectory = [ta.write(i, w) for ta, w in zip(trajectory, theta)]
@@ -247,8 +245,7 @@ def _forward_chunk(
         v = [gamma * vi - (1.0 - gamma) * g for vi, g in zip(v, grads)]
         theta = [w + alpha * vi for w, vi in zip(theta, v)]
         losses = losses.write(i, loss)
-    stacked = [ta.stack() for ta in trajectory] if record else []
-    return theta, v, losses.stack(), stacked
+    return theta, v, losses.stack(), [ta.stack() for ta in trajectory]
 
 
 def _reverse_chunk(
@@ -481,7 +478,6 @@ def meta_backward(
 
     # Forward step numbers, last first.
     order = np.arange(num_steps - 1, num_steps - reverse_steps - 1, -1)
-    done = 0
     for start, stop in _chunks(reverse_steps, CHUNK_STEPS):
         steps = order[start:stop]
         if method == "drmad":
@@ -508,7 +504,6 @@ def meta_backward(
             alpha_t,
             gamma_t,
         )
-        done = stop
         ratio = float(growth) / max(start_norm, np.finfo(np.float64).tiny)
         finite = all(
             bool(tf.reduce_all(tf.math.is_finite(t))) for t in d_lam + d_theta
@@ -535,6 +530,6 @@ def meta_backward(
                 step=int(steps[-1]),
             )
         if progress is not None:
-            progress(done)
+            progress(stop)
     ratio = float(growth) / max(start_norm, np.finfo(np.float64).tiny)
     return [d.numpy() for d in d_lam], ratio

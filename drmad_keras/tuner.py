@@ -49,15 +49,8 @@ def _atomic_write(path, write):
 def _save_state_atomically(stateful, fname):
     """`Stateful.save`, but written to a temporary file and moved into
     place, so that a process killed mid-write leaves the old file whole."""
-
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(stateful.get_state(), f)
-            f.flush()
-            os.fsync(f.fileno())
-
     os.makedirs(os.path.dirname(fname) or ".", exist_ok=True)
-    _atomic_write(fname, write)
+    write_json(fname, stateful.get_state())
 
 
 def save_episode(path, arrays):
