@@ -3,6 +3,7 @@ the hypergradient of its last training run."""
 
 import dataclasses
 import sys
+import warnings
 
 import keras
 import numpy as np
@@ -10,6 +11,7 @@ import tensorflow as tf
 from keras.src.models.functional import Functional
 
 from drmad_keras import checks
+from drmad_keras import options
 from drmad_keras import reverse
 from drmad_keras.optimizers import MomentumSGD
 from drmad_keras.regularizer import HyperRegularizer
@@ -29,8 +31,9 @@ class Run:
         batch_size: int.
         steps: int. `T`.
         seed: int. Regenerates the batch order.
-        alpha: float.
-        gamma: float.
+        alpha: float, or array `(blocks, num_variables)` when step sizes
+            are tuned (see `reverse.schedule_table`).
+        gamma: float, or array `(blocks, num_variables)`.
         losses: NumPy array. Training loss of every elementary step.
         trajectory: list of tensors `(T, ...)` or None.
     """
@@ -43,8 +46,8 @@ class Run:
     batch_size: int
     steps: int
     seed: int
-    alpha: float
-    gamma: float
+    alpha: object
+    gamma: object
     losses: np.ndarray
     trajectory: list = None
 
@@ -66,7 +69,9 @@ class Hypergradient:
 
     Attributes:
         grads: dict from hyperparameter name to a NumPy array, the
-            derivative of the HSet loss with respect to that `log_l2`.
+            derivative of the HSet loss with respect to that hyperparameter
+            (`log_l2_<layer>`, and `log_lr_<layer>` and so on for the other
+            kinds the model was compiled to tune).
         hset_loss: float. The HSet loss at `theta_T`.
         method: str.
         curvature: str.
@@ -171,6 +176,8 @@ class DrMADModel(keras.Model):
 
     _data_loss = None
     _xla = False
+    _tune = ("log_l2",)
+    _schedule_blocks = 1
 
     def compile(
         self,
@@ -178,6 +185,8 @@ class DrMADModel(keras.Model):
         loss=None,
         metrics=None,
         jit_compile=False,
+        tune=("log_l2",),
+        schedule_blocks=1,
         **kwargs,
     ):
         """Configures the model for DrMAD training.
@@ -190,17 +199,49 @@ class DrMADModel(keras.Model):
             metrics: Passed to `keras.Model.compile`.
             jit_compile: bool, default False. Compile the elementary steps
                 and the reverse pass with XLA.
+            tune: sequence of str, default `("log_l2",)`. The kinds of
+                hyperparameter to tune, each one per `HyperRegularizer`
+                layer: `"log_l2"` (L2 strength), `"log_lr"` (log of the
+                step size `alpha` of the layer's weights), `"logit_momentum"`
+                (logit of its momentum `gamma`) and `"log_init_scale"` (log
+                of a factor on the layer's kernel at the start of each
+                `fit`). Layers without a `HyperRegularizer` keep the
+                optimizer's `alpha` and `gamma`.
+            schedule_blocks: int, default 1. `log_lr` and `logit_momentum`
+                hold one value per block of this many equal stretches of
+                the run: a step-size and momentum schedule.
             **kwargs: Passed to `keras.Model.compile`.
 
         Raises:
             TypeError: If `optimizer` is not a `MomentumSGD`.
-            ValueError: If `loss` is missing.
+            ValueError: If `loss` is missing, or for an unknown kind.
         """
         if not isinstance(optimizer, MomentumSGD):
             raise TypeError(
                 "DrMADModel.compile needs optimizer=drmad_keras.MomentumSGD("
                 f"alpha, gamma); got {type(optimizer).__name__}."
             )
+        if isinstance(tune, str):
+            tune = (tune,)
+        tune = tuple(tune)
+        for kind in tune:
+            checks.one_of("tune", kind, options.KINDS)
+        if not tune or len(set(tune)) != len(tune):
+            raise ValueError(
+                f"tune must name each kind once, at least one of "
+                f"{options.KINDS}; got {tune}."
+            )
+        schedule_blocks = checks.positive_int(
+            "schedule_blocks", schedule_blocks
+        )
+        if "logit_momentum" in tune and optimizer.gamma == 0.0:
+            raise ValueError(
+                "tuning logit_momentum needs a momentum gamma above 0 to "
+                "start from; the optimizer has gamma=0."
+            )
+        self._tune = tuple(k for k in options.KINDS if k in tune)
+        self._schedule_blocks = schedule_blocks
+        self._hyper_values = {}
         self._data_loss = _mean_loss(loss)
         super().compile(
             optimizer=optimizer,
@@ -210,6 +251,14 @@ class DrMADModel(keras.Model):
             **kwargs,
         )
         self._xla = jit_compile is True
+
+    def get_compile_config(self):
+        """Keras' compile config plus `tune` and `schedule_blocks`."""
+        config = super().get_compile_config()
+        if config is not None:
+            config["tune"] = list(self._tune)
+            config["schedule_blocks"] = self._schedule_blocks
+        return config
 
     def compile_from_config(self, config):
         """Compiles from `get_compile_config()`, as `load_model` does."""
@@ -230,9 +279,24 @@ class DrMADModel(keras.Model):
         ]
 
     @property
+    def tuned_kinds(self):
+        """tuple of str: the kinds of hyperparameter `compile` asked for."""
+        return self._tune
+
+    @property
+    def schedule_blocks(self):
+        """int: blocks of the step-size and momentum schedule."""
+        return self._schedule_blocks
+
+    @property
     def hyperparameter_names(self):
-        """list of str: the names of the `log_l2` hyperparameters."""
-        return [reg.hp_name for reg in self.hyper_regularizers]
+        """list of str: the names of the tuned hyperparameters, kind by
+        kind (`log_l2_<layer>`, then `log_lr_<layer>`, ...)."""
+        return [
+            f"{kind}_{reg.layer.name}"
+            for kind in self._tune
+            for reg in self.hyper_regularizers
+        ]
 
     def get_log_l2(self):
         """Returns a dict from hyperparameter name to its `log_l2` array."""
@@ -240,6 +304,69 @@ class DrMADModel(keras.Model):
             reg.hp_name: np.array(reg.log_l2.numpy())
             for reg in self.hyper_regularizers
         }
+
+    def _default_value(self, kind):
+        blocks = self._schedule_blocks
+        if kind == "log_lr":
+            return np.full(blocks, np.log(self.optimizer.alpha))
+        if kind == "logit_momentum":
+            gamma = self.optimizer.gamma
+            return np.full(blocks, np.log(gamma / (1.0 - gamma)))
+        return np.zeros(())
+
+    def get_hyperparameters(self):
+        """Returns a dict from name to value of every tuned hyperparameter.
+
+        `log_l2_<layer>` as `get_log_l2`; `log_lr_<layer>` and
+        `logit_momentum_<layer>` have one value per schedule block (they
+        start at the optimizer's `alpha` and `gamma`), `log_init_scale_`
+        `<layer>` is one number (starts at 0: the kernel as initialized).
+        """
+        values = {}
+        for kind in self._tune:
+            if kind == "log_l2":
+                values.update(self.get_log_l2())
+                continue
+            for reg in self.hyper_regularizers:
+                name = f"{kind}_{reg.layer.name}"
+                values[name] = np.array(
+                    self._hyper_values.get(name, self._default_value(kind))
+                )
+        return values
+
+    def set_hyperparameters(self, values):
+        """Sets tuned hyperparameters from a dict of name to value.
+
+        Raises:
+            KeyError: For a name the model does not tune.
+            ValueError: For a value of the wrong shape or not finite.
+        """
+        names = set(self.hyperparameter_names)
+        log_l2 = {}
+        for name, value in values.items():
+            kind = options.kind_of(name)
+            if name not in names:
+                raise KeyError(
+                    f"no hyperparameter {name!r}; the model tunes "
+                    f"{sorted(names)}."
+                )
+            if kind == "log_l2":
+                log_l2[name] = value
+                continue
+            shape = self._default_value(kind).shape
+            try:
+                value = np.broadcast_to(
+                    np.asarray(value, dtype=np.float64), shape
+                ).copy()
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"{name} takes a number or an array of shape {shape}; "
+                    f"got {value!r}."
+                ) from None
+            if not np.all(np.isfinite(value)):
+                raise ValueError(f"{name} must be finite; got {value}.")
+            self._hyper_values[name] = value
+        self.set_log_l2(log_l2)
 
     def set_log_l2(self, values):
         """Sets `log_l2` from a dict of hyperparameter name to value.
@@ -267,6 +394,38 @@ class DrMADModel(keras.Model):
             if not np.all(np.isfinite(value)):
                 raise ValueError(f"{name} must be finite; got {value}.")
             var.assign(value)
+
+    def _layer_positions(self):
+        """For each `HyperRegularizer`: the positions of its layer's
+        variables in `trainable_variables`, and of its kernel."""
+        positions = {id(v): i for i, v in enumerate(self.trainable_variables)}
+        return [
+            (
+                [positions[id(v)] for v in reg.layer.trainable_variables],
+                positions[id(reg.kernel)],
+            )
+            for reg in self.hyper_regularizers
+        ]
+
+    def _schedules(self):
+        """`(alpha, gamma)` of a run: floats, or `(blocks, variables)`
+        tables when step sizes or momenta are tuned."""
+        alpha, gamma = self.optimizer.alpha, self.optimizer.gamma
+        if not set(self._tune) & set(options.OPTIMIZER_KINDS):
+            return alpha, gamma
+        shape = (self._schedule_blocks, len(self.trainable_variables))
+        alpha, gamma = np.full(shape, alpha), np.full(shape, gamma)
+        values = self.get_hyperparameters()
+        for reg, (where, _) in zip(
+            self.hyper_regularizers, self._layer_positions()
+        ):
+            name = reg.layer.name
+            if "log_lr" in self._tune:
+                alpha[:, where] = np.exp(values[f"log_lr_{name}"])[:, None]
+            if "logit_momentum" in self._tune:
+                logit = values[f"logit_momentum_{name}"]
+                gamma[:, where] = (1.0 / (1.0 + np.exp(-logit)))[:, None]
+        return alpha, gamma
 
     def check_hyper_regularizers(self):
         """Returns the `HyperRegularizer`s, or raises if there are none or
@@ -369,6 +528,10 @@ class DrMADModel(keras.Model):
     ):
         """Trains by `T` elementary steps and records the run.
 
+        When the model tunes `log_init_scale`, each wrapped kernel is
+        multiplied by its `exp(log_init_scale)` as the run starts: start
+        every run from the unscaled initial weights (`DrMADTuner` does).
+
         Args:
             x: array. ESet inputs, held in memory.
             y: array. ESet labels.
@@ -442,8 +605,18 @@ class DrMADModel(keras.Model):
         regs = self.hyper_regularizers
         log_l2 = [tf.convert_to_tensor(reg.log_l2.value) for reg in regs]
         theta_0 = [tf.identity(v.value) for v in self.trainable_variables]
+        if "log_init_scale" in self._tune:
+            values = self.get_hyperparameters()
+            for reg, (_, k) in zip(regs, self._layer_positions()):
+                scale = np.exp(values[f"log_init_scale_{reg.layer.name}"])
+                theta_0[k] = theta_0[k] * tf.cast(scale, theta_0[k].dtype)
         index = reverse.batch_order(len(x), batch_size, steps, seed)
-        alpha, gamma = self.optimizer.alpha, self.optimizer.gamma
+        alpha, gamma = self._schedules()
+        if len(np.shape(alpha)) == 2 and steps < len(alpha):
+            raise ValueError(
+                f"a schedule of {len(alpha)} blocks needs at least as many "
+                f"steps; got steps={steps}."
+            )
         theta_T, losses, trajectory = reverse.meta_forward(
             self.objective(),
             theta_0,
@@ -541,7 +714,14 @@ class DrMADModel(keras.Model):
         max_growth=1e6,
         verbose="auto",
     ):
-        """Derivative of the HSet loss of the last `fit` in every `log_l2`.
+        """Derivative of the HSet loss of the last `fit` in every tuned
+        hyperparameter.
+
+        Under `drmad` the step-size and momentum hypergradients rest on the
+        straight line's mean velocity (see `reverse`) and agree with
+        `exact` far less well than those of `log_l2` (a warning says so);
+        `log_init_scale` needs the whole reverse pass (`reverse_steps`
+        None).
 
         Args:
             x_hyper: array. HSet inputs.
@@ -580,6 +760,21 @@ class DrMADModel(keras.Model):
                 f"max_growth must be a number above 1 (inf turns the check "
                 f"off); got {max_growth!r}."
             )
+        total = reverse_steps or run.steps
+        if "log_init_scale" in self._tune and total < run.steps:
+            raise ValueError(
+                "the log_init_scale hypergradient needs the whole reverse "
+                f"pass; got reverse_steps={reverse_steps} of {run.steps}."
+            )
+        optimizer_terms = bool(set(self._tune) & set(options.OPTIMIZER_KINDS))
+        if optimizer_terms and method == "drmad":
+            warnings.warn(
+                "step-size and momentum hypergradients under method='drmad' "
+                "use the straight line's mean velocity; measured against "
+                "'exact' they agree far less well than those of log_l2 (see "
+                "benchmarks/RESULTS.md).",
+                stacklevel=2,
+            )
         x_hyper, y_hyper = self._as_tensors(x_hyper, y_hyper)
         verbose = resolve_verbose(verbose)
 
@@ -592,8 +787,7 @@ class DrMADModel(keras.Model):
                 f"the HSet loss at theta_T is {float(hset_loss)}.",
                 phase="meta-backward",
             )
-        total = reverse_steps or run.steps
-        d_log_l2, growth = reverse.meta_backward(
+        backward = reverse.meta_backward(
             objective,
             run.theta_0,
             run.theta_T,
@@ -611,15 +805,49 @@ class DrMADModel(keras.Model):
             max_growth=max_growth,
             jit_compile=self._xla,
             progress=_Progress(total, "meta-backward", verbose),
+            optimizer_terms=optimizer_terms,
         )
         return Hypergradient(
-            grads=dict(zip(self.hyperparameter_names, d_log_l2)),
+            grads=self._by_name(run, backward),
             hset_loss=float(hset_loss),
             method=method,
             curvature=curvature,
             reverse_steps=total,
-            growth=growth,
+            growth=backward.growth,
         )
+
+    def _by_name(self, run, backward):
+        """The reverse pass's derivatives, in each tuned hyperparameter.
+
+        Per layer, the step-size derivative sums the layer's variables'
+        `alpha * d_alpha` (chain rule for the log), the momentum one their
+        `gamma (1 - gamma) d_gamma` (for the logit), and the initial-scale
+        one the kernel's `d_theta_0 . theta_0`.
+        """
+        grads = {}
+        regs = self.hyper_regularizers
+        for kind in self._tune:
+            for i, (reg, (where, k)) in enumerate(
+                zip(regs, self._layer_positions())
+            ):
+                name = f"{kind}_{reg.layer.name}"
+                if kind == "log_l2":
+                    grads[name] = backward.d_log_l2[i]
+                elif kind == "log_lr":
+                    grads[name] = np.sum(
+                        (run.alpha * backward.d_alpha)[:, where], axis=1
+                    )
+                elif kind == "logit_momentum":
+                    gamma = run.gamma
+                    grads[name] = np.sum(
+                        (gamma * (1.0 - gamma) * backward.d_gamma)[:, where],
+                        axis=1,
+                    )
+                else:
+                    grads[name] = np.asarray(
+                        np.sum(backward.d_theta_0[k] * run.theta_0[k].numpy())
+                    )
+        return grads
 
     def evaluate_split(self, x, y):
         """Returns `(mean loss, error rate)` of the data loss on a split."""

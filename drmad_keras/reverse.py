@@ -19,6 +19,30 @@ and its reverse
 
 walked from `t = T - 1` down, at the stored `theta_t` (`exact`) or at the
 point `(1 - t/T) theta_0 + (t/T) theta_T` of the straight line (`drmad`).
+
+The step size and the momentum may differ per variable and per block of
+steps (a schedule): `alpha` and `gamma` are then tables of shape
+`(blocks, num_variables)`, block `b` covering the steps `t` with
+`t * blocks // T == b`, and the scalar factors above act per variable. Their
+own hypergradients come from two more terms of the reverse step,
+
+    d_alpha[t] += d_theta . v_{t+1}             (before d_v += alpha d_theta)
+    d_gamma[t] += d_v . (v_t + g_t)             (after it)
+
+with `g_t` the gradient of `L1` at `theta_t` on `B_t`, recomputed. `exact`
+gets the velocities from the stored trajectory: `v_{t+1} = (theta_{t+1} -
+theta_t) / alpha_t` and `v_t = (v_{t+1} + (1 - gamma_t) g_t) / gamma_t`.
+`drmad` stores no velocity, so it takes the velocity of the straight line
+itself: every step moves by the same share of `theta_T - theta_0`, so
+`v_t = (theta_T - theta_0) / sum_t alpha_t` for every `t > 0` (and `v_0 =
+0`), and the line is walked at `sum_{s<t} alpha_s / sum_s alpha_s` instead
+of `t / T` (the same when `alpha` is constant). The mean velocity ignores
+how the velocity turns and settles along the run, which is why these two
+hypergradients are much less reliable than those of `log_l2`: measure
+before trusting them (benchmarks/accuracy.py).
+
+After a full reverse pass `d_theta` is the derivative in `theta_0`, which
+gives the hypergradient of a scale of the initial weights.
 """
 
 import dataclasses
@@ -106,6 +130,92 @@ def batch_order(num_examples, batch_size, steps, seed):
     return (
         order[: steps * batch_size].reshape(steps, batch_size).astype(np.int32)
     )
+
+
+def schedule_table(value, num_variables, name):
+    """A step size or momentum as a `(blocks, num_variables)` table.
+
+    Args:
+        value: float, or array of shape `(blocks, num_variables)`.
+        num_variables: int. Number of elementary parameter tensors.
+        name: str. Named in errors.
+
+    Returns:
+        A float64 NumPy array `(blocks, num_variables)`.
+
+    Raises:
+        ValueError: For another shape or non-finite values.
+    """
+    table = np.asarray(value, dtype=np.float64)
+    if table.ndim == 0:
+        table = np.full((1, num_variables), float(table))
+    if table.ndim != 2 or table.shape[1] != num_variables or not len(table):
+        raise ValueError(
+            f"{name} must be a number or a table of shape (blocks, "
+            f"{num_variables}); got shape {table.shape}."
+        )
+    if not np.all(np.isfinite(table)):
+        raise ValueError(f"{name} must be finite; got {table}.")
+    return table
+
+
+def block_of(steps, num_steps, blocks):
+    """The schedule block of each forward step in `steps`: `blocks` equal
+    stretches of the `num_steps` steps, the first ones shortest."""
+    if not 1 <= blocks <= num_steps:
+        raise ValueError(
+            f"a schedule of {blocks} blocks needs between 1 and {num_steps} "
+            "blocks, one step at least in each."
+        )
+    return (np.asarray(steps, np.int64) * blocks // num_steps).astype(np.int32)
+
+
+def _block_starts(num_steps, blocks):
+    # First step t of each block b: the least t with t * blocks >= b * T.
+    return np.array(
+        [-(-b * num_steps // blocks) for b in range(blocks + 1)], np.int64
+    )
+
+
+def line_fractions(steps, num_steps, alpha):
+    """Where each of `steps` lies on the straight line, per variable.
+
+    Step `t` of the run sits at `sum_{s<t} alpha_s / sum_s alpha_s` of the
+    way from `theta_0` to `theta_T`: each step moves by its step size.
+
+    Args:
+        steps: int array. Forward step numbers.
+        num_steps: int. `T`.
+        alpha: array `(blocks, num_variables)`, from `schedule_table`.
+
+    Returns:
+        A float64 array `(len(steps), num_variables)`.
+    """
+    steps = np.asarray(steps, np.int64)
+    if len(alpha) == 1:
+        # One block: the fraction is t / T for every variable.
+        return np.repeat((steps / num_steps)[:, None], alpha.shape[1], 1)
+    starts = _block_starts(num_steps, len(alpha))
+    covered = np.concatenate(
+        [
+            np.zeros((1, alpha.shape[1])),
+            np.cumsum(np.diff(starts)[:, None] * alpha, 0),
+        ]
+    )
+    block = block_of(steps, num_steps, len(alpha))
+    position = covered[block] + (steps - starts[block])[:, None] * alpha[block]
+    return position / covered[-1]
+
+
+def line_velocity(theta_0, theta_T, num_steps, alpha):
+    """The velocity of the straight line: `(theta_T - theta_0) / sum_t
+    alpha_t`, per variable; what `drmad` uses for every `v_t`, `t > 0`."""
+    starts = _block_starts(num_steps, len(alpha))
+    total = np.sum(np.diff(starts)[:, None] * alpha, 0)
+    return [
+        (wt - w0) / tf.cast(total[k], w0.dtype)
+        for k, (w0, wt) in enumerate(zip(theta_0, theta_T))
+    ]
 
 
 def _zeros_for_none(values, like):
@@ -228,9 +338,13 @@ _PRODUCTS = {
 
 
 def _forward_chunk(
-    objective, theta, v, log_l2, x, y, index, alpha, gamma, record
+    objective, theta, v, log_l2, x, y, index, block, alpha, gamma, record
 ):
-    """Runs `len(index)` elementary steps; returns the new state."""
+    """Runs `len(index)` elementary steps; returns the new state.
+
+    `alpha` and `gamma` are `(blocks, num_variables)` tables and `block[i]`
+    the row that step `i` uses.
+    """
     steps = tf.shape(index)[0]
     losses = tf.TensorArray(x.dtype, size=steps)
     trajectory = (
@@ -239,58 +353,110 @@ def _forward_chunk(
     for i in tf.range(steps):
         if record:
             trajectory = [ta.write(i, w) for ta, w in zip(trajectory, theta)]
+        a, g = alpha[block[i]], gamma[block[i]]
         xb = tf.gather(x, index[i])
         yb = tf.gather(y, index[i])
         loss, grads = on_replicas(objective, gradient, theta, log_l2, xb, yb)
-        v = [gamma * vi - (1.0 - gamma) * g for vi, g in zip(v, grads)]
-        theta = [w + alpha * vi for w, vi in zip(theta, v)]
+        v = [
+            g[k] * vk - (1.0 - g[k]) * gk
+            for k, (vk, gk) in enumerate(zip(v, grads))
+        ]
+        theta = [w + a[k] * vk for k, (w, vk) in enumerate(zip(theta, v))]
         losses = losses.write(i, loss)
     return theta, v, losses.stack(), [ta.stack() for ta in trajectory]
+
+
+def _row_add(table, row, values):
+    """`table[row] += values` for a `(blocks, n)` tensor."""
+    return tf.tensor_scatter_nd_add(
+        table, [[row]], tf.expand_dims(tf.stack(values), 0)
+    )
+
+
+def _dot(a, b):
+    return tf.reduce_sum(a * b)
 
 
 def _reverse_chunk(
     objective,
     product,
-    d_theta,
-    d_v,
-    d_lam,
-    growth,
+    state,
     log_l2,
     x,
     y,
     index,
+    step_numbers,
+    block,
     points,
     alpha,
     gamma,
+    optimizer_terms,
 ):
     """Runs reverse steps over `index` (already in reverse order).
 
-    `points` is either `("line", theta_0, theta_T, fractions)`, the weights
-    being interpolated at each fraction `t / T`, or `("stored", trajectory)`
-    with `trajectory[k][i]` the stored `theta_t` of variable `k`.
+    `state` is `(d_theta, d_v, d_lam, d_alpha, d_gamma, theta_next,
+    growth)`, `theta_next` being the weights after the step about to be
+    reversed. `points` is either `("line", theta_0, theta_T, fractions,
+    velocity)`, the weights being interpolated at `fractions[i]` (one per
+    variable) and every velocity after step 0 taken as `velocity`, or
+    `("stored", trajectory)` with `trajectory[k][i]` the stored `theta_t`
+    of variable `k`. `optimizer_terms` adds the step-size and momentum
+    hypergradients (one more gradient per step).
     """
+    d_theta, d_v, d_lam, d_alpha, d_gamma, theta_next, growth = state
     steps = tf.shape(index)[0]
     for i in tf.range(steps):
+        b = block[i]
+        a, g = alpha[b], gamma[b]
+        first = tf.cast(step_numbers[i] > 0, a.dtype)  # v_0 = 0
         if points[0] == "line":
-            _, theta_0, theta_T, fractions = points
+            _, theta_0, theta_T, fractions, velocity = points
             s = tf.cast(fractions[i], theta_0[0].dtype)
             theta_t = [
-                (1.0 - s) * w0 + s * wt for w0, wt in zip(theta_0, theta_T)
+                w0 + s[k] * (wt - w0)
+                for k, (w0, wt) in enumerate(zip(theta_0, theta_T))
             ]
+            v_next = velocity
         else:
             theta_t = [traj[i] for traj in points[1]]
+            v_next = [
+                (wn - w) / a[k]
+                for k, (wn, w) in enumerate(zip(theta_next, theta_t))
+            ]
         xb = tf.gather(x, index[i])
         yb = tf.gather(y, index[i])
 
-        d_v = [dv + alpha * dt for dv, dt in zip(d_v, d_theta)]
+        if optimizer_terms:
+            d_alpha = _row_add(
+                d_alpha, b, [_dot(dt, vn) for dt, vn in zip(d_theta, v_next)]
+            )
+        d_v = [dv + a[k] * dt for k, (dv, dt) in enumerate(zip(d_v, d_theta))]
+        if optimizer_terms:
+            _, grads = on_replicas(objective, gradient, theta_t, log_l2, xb, yb)
+            if points[0] == "line":
+                v_t = [first * vn for vn in v_next]
+            else:
+                v_t = [
+                    first
+                    * (vn + (1.0 - g[k]) * gk)
+                    / tf.maximum(g[k], tf.constant(1e-30, g.dtype))
+                    for k, (vn, gk) in enumerate(zip(v_next, grads))
+                ]
+            d_gamma = _row_add(
+                d_gamma,
+                b,
+                [_dot(dv, vt + gk) for dv, vt, gk in zip(d_v, v_t, grads)],
+            )
+        w = [(1.0 - g[k]) * dv for k, dv in enumerate(d_v)]
         h_theta, h_lam = on_replicas(
-            objective, product, theta_t, log_l2, xb, yb, d_v
+            objective, product, theta_t, log_l2, xb, yb, w
         )
-        d_theta = [dt - (1.0 - gamma) * h for dt, h in zip(d_theta, h_theta)]
-        d_lam = [dl - (1.0 - gamma) * h for dl, h in zip(d_lam, h_lam)]
-        d_v = [gamma * dv for dv in d_v]
+        d_theta = [dt - h for dt, h in zip(d_theta, h_theta)]
+        d_lam = [dl - h for dl, h in zip(d_lam, h_lam)]
+        d_v = [g[k] * dv for k, dv in enumerate(d_v)]
+        theta_next = theta_t
         growth = tf.maximum(growth, _global_norm(d_theta))
-    return d_theta, d_v, d_lam, growth
+    return d_theta, d_v, d_lam, d_alpha, d_gamma, theta_next, growth
 
 
 _COMPILED = {}
@@ -331,8 +497,9 @@ def meta_forward(
         x: tensor. ESet inputs.
         y: tensor. ESet labels.
         index: int array `(T, batch)`, from `batch_order`.
-        alpha: float. Step size.
-        gamma: float. Momentum.
+        alpha: float or array `(blocks, num_variables)`. Step size, per
+            variable and schedule block (see `schedule_table`).
+        gamma: float or array `(blocks, num_variables)`. Momentum.
         record_trajectory: bool, default False. Keep every `theta_t`,
             `t = 0 .. T-1` (memory `T * |theta|`), as `exact` needs.
         jit_compile: bool, default False. Compile the steps with XLA.
@@ -349,8 +516,14 @@ def meta_forward(
     """
     run = _compiled(_forward_chunk, jit_compile)
     dtype = theta_0[0].dtype
-    alpha = tf.constant(alpha, dtype)
-    gamma = tf.constant(gamma, dtype)
+    alpha = schedule_table(alpha, len(theta_0), "alpha")
+    gamma = schedule_table(gamma, len(theta_0), "gamma")
+    if len(alpha) != len(gamma):
+        raise ValueError(
+            f"alpha has {len(alpha)} schedule blocks and gamma {len(gamma)}."
+        )
+    blocks = block_of(np.arange(len(index)), len(index), len(alpha))
+    alpha, gamma = tf.constant(alpha, dtype), tf.constant(gamma, dtype)
     theta = list(theta_0)
     v = [tf.zeros_like(w) for w in theta]
     losses, pieces = [], []
@@ -363,6 +536,7 @@ def meta_forward(
             x,
             y,
             tf.constant(index[start:stop]),
+            tf.constant(blocks[start:stop]),
             alpha,
             gamma,
             record_trajectory,
@@ -390,6 +564,29 @@ def meta_forward(
     return theta, np.concatenate(losses), trajectory
 
 
+@dataclasses.dataclass
+class Backward:
+    """What `meta_backward` returns.
+
+    Attributes:
+        d_log_l2: list of NumPy arrays shaped like `log_l2`.
+        growth: float. Largest ratio of the norm of `d_theta` during the
+            pass to its starting norm.
+        d_alpha: NumPy array `(blocks, num_variables)` or None. Derivative
+            in each entry of the step-size table.
+        d_gamma: NumPy array `(blocks, num_variables)` or None. Derivative
+            in each entry of the momentum table.
+        d_theta_0: list of NumPy arrays or None. Derivative in the initial
+            parameters, after a full reverse pass only.
+    """
+
+    d_log_l2: list
+    growth: float
+    d_alpha: np.ndarray = None
+    d_gamma: np.ndarray = None
+    d_theta_0: list = None
+
+
 def meta_backward(
     objective,
     theta_0,
@@ -408,6 +605,7 @@ def meta_backward(
     max_growth=1e6,
     jit_compile=False,
     progress=None,
+    optimizer_terms=False,
 ):
     """The reverse pass: `d l2(theta_T) / d log_l2` from `d_theta`.
 
@@ -419,8 +617,10 @@ def meta_backward(
         x: tensor. ESet inputs.
         y: tensor. ESet labels.
         index: int array `(T, batch)`: the run's batch order.
-        alpha: float. Step size of the run.
-        gamma: float. Momentum of the run.
+        alpha: float or array `(blocks, num_variables)`. Step size of the
+            run.
+        gamma: float or array `(blocks, num_variables)`. Momentum of the
+            run.
         d_theta: list of tensors. `grad_theta l2(theta_T)`, from HSet.
         method: str, default `"drmad"`. `"drmad"` walks the straight line
             from `theta_T` back to `theta_0`; `"exact"` uses `trajectory`.
@@ -434,10 +634,11 @@ def meta_backward(
             `d_theta` during the pass to its starting norm.
         jit_compile: bool, default False. Compile the steps with XLA.
         progress: callable or None. Called with the reverse steps done.
+        optimizer_terms: bool, default False. Also return the derivatives
+            in `alpha` and `gamma` (costs one more gradient per step).
 
     Returns:
-        `(d_log_l2, growth)`: a list of NumPy arrays shaped like `log_l2`,
-        and the largest norm ratio seen.
+        A `Backward`.
 
     Raises:
         ValueError: For an unknown method or curvature, a missing
@@ -468,45 +669,61 @@ def meta_backward(
     run = _compiled(_reverse_chunk, jit_compile)
     product = _PRODUCTS[curvature]
     dtype = theta_0[0].dtype
-    alpha_t = tf.constant(alpha, dtype)
-    gamma_t = tf.constant(gamma, dtype)
+    alpha = schedule_table(alpha, len(theta_0), "alpha")
+    gamma = schedule_table(gamma, len(theta_0), "gamma")
+    velocity = (
+        line_velocity(theta_0, theta_T, num_steps, alpha)
+        if method == "drmad"
+        else None
+    )
+    alpha_t, gamma_t = tf.constant(alpha, dtype), tf.constant(gamma, dtype)
     d_theta = list(d_theta)
-    d_v = [tf.zeros_like(w) for w in theta_0]
-    d_lam = [tf.zeros_like(lam) for lam in log_l2]
     start_norm = float(_global_norm(d_theta))
-    growth = tf.constant(start_norm, dtype)
+    state = (
+        d_theta,
+        [tf.zeros_like(w) for w in theta_0],
+        [tf.zeros_like(lam) for lam in log_l2],
+        tf.zeros(alpha.shape, dtype),
+        tf.zeros(gamma.shape, dtype),
+        list(theta_T),
+        tf.constant(start_norm, dtype),
+    )
 
     # Forward step numbers, last first.
     order = np.arange(num_steps - 1, num_steps - reverse_steps - 1, -1)
     for start, stop in _chunks(reverse_steps, CHUNK_STEPS):
         steps = order[start:stop]
         if method == "drmad":
+            fractions = line_fractions(steps, num_steps, alpha)
             points = (
                 "line",
                 theta_0,
                 theta_T,
-                tf.constant(steps / num_steps, dtype),
+                tf.constant(fractions, dtype),
+                velocity,
             )
         else:
             points = ("stored", [tf.gather(traj, steps) for traj in trajectory])
-        d_theta, d_v, d_lam, growth = run(
+        state = run(
             objective,
             product,
-            d_theta,
-            d_v,
-            d_lam,
-            growth,
+            state,
             log_l2,
             x,
             y,
             tf.constant(index[steps]),
+            tf.constant(steps),
+            tf.constant(block_of(steps, num_steps, len(alpha))),
             points,
             alpha_t,
             gamma_t,
+            bool(optimizer_terms),
         )
+        d_theta, _, d_lam, d_alpha, d_gamma, _, growth = state
         ratio = float(growth) / max(start_norm, np.finfo(np.float64).tiny)
         finite = all(
-            bool(tf.reduce_all(tf.math.is_finite(t))) for t in d_lam + d_theta
+            bool(tf.reduce_all(tf.math.is_finite(t)))
+            for t in d_lam + d_theta + [d_alpha, d_gamma]
         )
         if not finite or ratio > max_growth:
             what = (
@@ -532,4 +749,12 @@ def meta_backward(
         if progress is not None:
             progress(stop)
     ratio = float(growth) / max(start_norm, np.finfo(np.float64).tiny)
-    return [d.numpy() for d in d_lam], ratio
+    return Backward(
+        d_log_l2=[d.numpy() for d in d_lam],
+        growth=ratio,
+        d_alpha=d_alpha.numpy() if optimizer_terms else None,
+        d_gamma=d_gamma.numpy() if optimizer_terms else None,
+        d_theta_0=(
+            [d.numpy() for d in d_theta] if reverse_steps == num_steps else None
+        ),
+    )

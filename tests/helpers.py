@@ -13,6 +13,8 @@ def mlp(
     alpha=0.1,
     gamma=0.9,
     activation="tanh",
+    tune=("log_l2",),
+    schedule_blocks=1,
 ):
     """A compiled DrMADModel MLP with every Dense layer regularized."""
     x_in = keras.Input((inputs,))
@@ -32,6 +34,8 @@ def mlp(
     model.compile(
         optimizer=drmad_keras.MomentumSGD(alpha=alpha, gamma=gamma),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        tune=tune,
+        schedule_blocks=schedule_blocks,
     )
     return model
 
