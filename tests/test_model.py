@@ -11,8 +11,8 @@ import drmad_keras
 from drmad_keras import reverse
 
 
-def _hset_loss_after_fit(model, data, theta_0, log_l2, steps, seed):
-    model.set_log_l2(log_l2)
+def _hset_loss_after_fit(model, data, theta_0, values, steps, seed):
+    model.set_hyperparameters(values)
     reset_to(model, theta_0)
     model.fit(
         data["x_e"],
@@ -70,6 +70,124 @@ def test_exact_matches_finite_differences(small_mnist, float64, granularity):
             ) / (2 * eps)
             got = result.grads[name][c]
             assert abs(got - fd) <= 0.02 * abs(fd) + 1e-9, (name, c, got, fd)
+
+
+@pytest.mark.parametrize("kind", ["log_lr", "logit_momentum", "log_init_scale"])
+def test_exact_optimizer_and_scale_hypergradients_match_finite_differences(
+    small_mnist, float64, kind
+):
+    # Two schedule blocks: log_lr and logit_momentum hold two values each.
+    model = mlp(
+        98,
+        [6],
+        init_log_l2=-2.0,
+        alpha=0.3,
+        gamma=0.8,
+        tune=(kind,),
+        schedule_blocks=2,
+    )
+    steps, seed = 15, 3
+    theta_0 = [tf.identity(v) for v in model.trainable_variables]
+    model.fit(
+        small_mnist["x_e"],
+        small_mnist["y_e"],
+        batch_size=16,
+        steps=steps,
+        seed=seed,
+        record_trajectory=True,
+        verbose=0,
+    )
+    start = model.get_hyperparameters()
+    assert sorted(start) == [f"{kind}_h0", f"{kind}_out"]
+    result = model.hypergradient(
+        small_mnist["x_h"], small_mnist["y_h"], method="exact", verbose=0
+    )
+
+    eps = 1e-5
+    for name, value in start.items():
+        for c in [()] if value.ndim == 0 else [(0,), (1,)]:
+            plus = {k: np.array(v) for k, v in start.items()}
+            minus = {k: np.array(v) for k, v in start.items()}
+            plus[name][c] += eps
+            minus[name][c] -= eps
+            fd = (
+                _hset_loss_after_fit(
+                    model, small_mnist, theta_0, plus, steps, seed
+                )
+                - _hset_loss_after_fit(
+                    model, small_mnist, theta_0, minus, steps, seed
+                )
+            ) / (2 * eps)
+            got = result.grads[name][c]
+            assert abs(fd) > 1e-4, (name, c, fd)
+            assert abs(got - fd) <= 1e-4 * abs(fd), (name, c, got, fd)
+
+
+def test_schedule_blocks_change_the_run(small_mnist, float64):
+    # A larger step size in the second block only changes only the second
+    # half of the run.
+    model = mlp(98, [6], tune=("log_lr",), schedule_blocks=2)
+    theta_0 = [tf.identity(v) for v in model.trainable_variables]
+    runs = []
+    for second in [np.log(0.1), np.log(0.3)]:
+        reset_to(model, theta_0)
+        model.set_hyperparameters(
+            {
+                name: [np.log(0.1), second]
+                for name in model.get_hyperparameters()
+            }
+        )
+        model.fit(
+            small_mnist["x_e"],
+            small_mnist["y_e"],
+            batch_size=16,
+            steps=10,
+            verbose=0,
+        )
+        runs.append(model.last_run.losses)
+    np.testing.assert_array_equal(runs[0][:6], runs[1][:6])
+    assert not np.allclose(runs[0][6:], runs[1][6:])
+
+
+def test_tuned_kinds_survive_serialization(small_mnist):
+    model = mlp(98, [6], tune=("log_l2", "log_lr"), schedule_blocks=3)
+    clone = keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(model)
+    )
+    assert clone.tuned_kinds == ("log_l2", "log_lr")
+    assert clone.schedule_blocks == 3
+    assert clone.get_hyperparameters()["log_lr_h0"].shape == (3,)
+
+
+def test_bad_tuning_settings_are_refused(small_mnist):
+    with pytest.raises(ValueError, match="tune must be one of"):
+        mlp(98, [6], tune=("log_l3",))
+    with pytest.raises(ValueError, match="gamma above 0"):
+        mlp(98, [6], gamma=0.0, tune=("logit_momentum",))
+    model = mlp(98, [6], tune=("log_lr", "log_init_scale"))
+    with pytest.raises(ValueError, match="shape"):
+        model.set_hyperparameters({"log_lr_h0": [1.0, 2.0]})
+    with pytest.raises(KeyError, match="logit_momentum_h0"):
+        model.set_hyperparameters({"logit_momentum_h0": 0.0})
+    model.fit(
+        small_mnist["x_e"],
+        small_mnist["y_e"],
+        batch_size=16,
+        steps=5,
+        verbose=0,
+    )
+    with pytest.raises(ValueError, match="whole reverse pass"):
+        model.hypergradient(
+            small_mnist["x_h"],
+            small_mnist["y_h"],
+            reverse_steps=2,
+            verbose=0,
+        )
+    with pytest.warns(UserWarning, match="mean velocity"):
+        result = model.hypergradient(
+            small_mnist["x_h"], small_mnist["y_h"], verbose=0
+        )
+    assert np.all(np.isfinite(result.grads["log_lr_out"]))
 
 
 def _cosine(a, b):
