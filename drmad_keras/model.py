@@ -36,6 +36,7 @@ class Run:
         gamma: float, or array `(blocks, num_variables)`.
         losses: NumPy array. Training loss of every elementary step.
         trajectory: list of tensors `(T, ...)` or None.
+        online: bool. The run changed `log_l2` as it went (`fit_t1t2`).
     """
 
     theta_0: list
@@ -50,6 +51,7 @@ class Run:
     gamma: object
     losses: np.ndarray
     trajectory: list = None
+    online: bool = False
 
     def batch_order(self):
         """The `(T, batch_size)` index array of the run, regenerated."""
@@ -85,6 +87,23 @@ class Hypergradient:
     curvature: str
     reverse_steps: int
     growth: float
+
+
+@dataclasses.dataclass
+class OnlineRun:
+    """The result of `DrMADModel.fit_t1t2`.
+
+    Attributes:
+        hset_losses: NumPy array. HSet batch loss before each meta step.
+        history: dict from hyperparameter name to an array with its value
+            after each meta step (first axis: meta step).
+        grads: dict from hyperparameter name to an array with the one-step
+            hypergradient of each meta step.
+    """
+
+    hset_losses: np.ndarray
+    history: dict
+    grads: dict
 
 
 def _mean_loss(loss):
@@ -562,35 +581,9 @@ class DrMADModel(keras.Model):
                 "DrMADModel.fit trains on arrays in memory and does not "
                 f"take {sorted(kwargs)}."
             )
-        x, y = self._as_tensors(x, y)
-        batch_size = checks.positive_int(
-            "batch_size", 32 if batch_size is None else batch_size
+        x, y, batch_size, steps = self._check_run(
+            x, y, batch_size, epochs, steps, seed
         )
-        if batch_size > len(x):
-            raise ValueError(
-                f"batch_size {batch_size} is larger than the "
-                f"{len(x)} training examples."
-            )
-        if steps is None:
-            steps = checks.positive_int("epochs", epochs) * (
-                len(x) // batch_size
-            )
-        steps = checks.positive_int("steps", steps)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise TypeError(
-                "seed must be an integer: the reverse pass regenerates the "
-                f"batch order from it; got {seed!r}."
-            )
-        if not 0 <= seed < 2**63:
-            raise ValueError(f"seed must be non-negative; got {seed}.")
-        self._check_ready()
-        strategy = self.objective().strategy
-        if strategy is not None and batch_size % strategy.num_replicas_in_sync:
-            raise ValueError(
-                f"batch_size {batch_size} must be a multiple of the "
-                f"{strategy.num_replicas_in_sync} replicas of the "
-                "distribution strategy."
-            )
         verbose = resolve_verbose(verbose)
 
         # Callbacks first: they may still change weights or settings.
@@ -653,6 +646,164 @@ class DrMADModel(keras.Model):
         ]
         cbs.on_train_end({"loss": float(losses[-1])})
         return history
+
+    def fit_t1t2(
+        self,
+        x,
+        y,
+        x_hyper,
+        y_hyper,
+        meta_step,
+        batch_size=None,
+        epochs=1,
+        steps=None,
+        interval=10,
+        seed=0,
+        verbose="auto",
+    ):
+        """Trains once and tunes `log_l2` during the run (T1-T2).
+
+        Every `interval` elementary steps on ESet, the one-step
+        hypergradient of the HSet loss (`reverse.one_step_hypergradient`,
+        on the next HSet batch of `batch_size`) goes to `meta_step`, and the
+        following steps train with the values it returns. The model ends
+        with the run's final weights and `log_l2`; `last_run` records the
+        run (its `log_l2` are the final values, not those it trained with
+        throughout, so `hypergradient()` is refused after it).
+
+        Args:
+            x: array. ESet inputs.
+            y: array. ESet labels.
+            x_hyper: array. HSet inputs.
+            y_hyper: array. HSet labels.
+            meta_step: callable. `(values, grads) -> new values`, dicts from
+                hyperparameter name to NumPy array.
+            batch_size: int, default 32. Examples per elementary step and
+                per HSet batch.
+            epochs: int, default 1. Passes over ESet when `steps` is None.
+            steps: int or None. Elementary steps `T`.
+            interval: int, default 10. Elementary steps per meta step.
+            seed: int, default 0. Seed of the ESet and HSet batch orders.
+            verbose: `"auto"`, 0 or 1. Progress bar.
+
+        Returns:
+            An `OnlineRun`.
+
+        Raises:
+            NotImplementedError: If the model tunes more than `log_l2`.
+            ValueError: For bad sizes or data.
+            reverse.DivergenceError: If training or a hypergradient stops
+                being finite; the weights are then left at the start and
+                `log_l2` at its starting values.
+        """
+        if self._tune != ("log_l2",):
+            raise NotImplementedError(
+                "fit_t1t2 tunes log_l2 only; the model is compiled to tune "
+                f"{self._tune}. Compile with tune=('log_l2',) or use "
+                "fit() and hypergradient()."
+            )
+        x, y, batch_size, steps = self._check_run(
+            x, y, batch_size, epochs, steps, seed
+        )
+        x_hyper, y_hyper = self._as_tensors(x_hyper, y_hyper)
+        if batch_size > len(x_hyper):
+            raise ValueError(
+                f"batch_size {batch_size} is larger than the "
+                f"{len(x_hyper)} HSet examples."
+            )
+        interval = checks.positive_int("interval", interval)
+        verbose = resolve_verbose(verbose)
+        self.last_run = None
+
+        regs = self.hyper_regularizers
+        names = [reg.hp_name for reg in regs]
+        theta_0 = [tf.identity(v.value) for v in self.trainable_variables]
+        meta_steps = -(-steps // interval)
+        history = {name: [] for name in names}
+
+        def step(values, grads):
+            new = meta_step(dict(zip(names, values)), dict(zip(names, grads)))
+            for name in names:
+                history[name].append(np.asarray(new[name]))
+            return [new[name] for name in names]
+
+        alpha, gamma = self.optimizer.alpha, self.optimizer.gamma
+        theta_T, log_l2, losses, hset_losses, grads = reverse.t1t2_run(
+            self.objective(),
+            theta_0,
+            [tf.convert_to_tensor(reg.log_l2.value) for reg in regs],
+            x,
+            y,
+            reverse.batch_order(len(x), batch_size, steps, seed),
+            alpha,
+            gamma,
+            x_hyper,
+            y_hyper,
+            reverse.batch_order(len(x_hyper), batch_size, meta_steps, seed + 1),
+            interval,
+            step,
+            jit_compile=self._xla,
+            progress=_Progress(steps, "meta-forward (t1t2)", verbose),
+        )
+        for var, value in zip(self.trainable_variables, theta_T):
+            var.assign(value)
+        self.set_log_l2({name: lam.numpy() for name, lam in zip(names, log_l2)})
+        self.last_run = Run(
+            theta_0=theta_0,
+            theta_T=theta_T,
+            log_l2=log_l2,
+            x=x,
+            y=y,
+            batch_size=batch_size,
+            steps=steps,
+            seed=seed,
+            alpha=alpha,
+            gamma=gamma,
+            losses=losses,
+            online=True,
+        )
+        return OnlineRun(
+            hset_losses=np.asarray(hset_losses),
+            history={k: np.stack(v) for k, v in history.items()},
+            grads={
+                name: np.stack([g[i] for g in grads])
+                for i, name in enumerate(names)
+            },
+        )
+
+    def _check_run(self, x, y, batch_size, epochs, steps, seed):
+        """Checks the arguments of a training run; returns `(x, y,
+        batch_size, steps)`."""
+        x, y = self._as_tensors(x, y)
+        batch_size = checks.positive_int(
+            "batch_size", 32 if batch_size is None else batch_size
+        )
+        if batch_size > len(x):
+            raise ValueError(
+                f"batch_size {batch_size} is larger than the "
+                f"{len(x)} training examples."
+            )
+        if steps is None:
+            steps = checks.positive_int("epochs", epochs) * (
+                len(x) // batch_size
+            )
+        steps = checks.positive_int("steps", steps)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(
+                "seed must be an integer: the reverse pass regenerates the "
+                f"batch order from it; got {seed!r}."
+            )
+        if not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be non-negative; got {seed}.")
+        self._check_ready()
+        strategy = self.objective().strategy
+        if strategy is not None and batch_size % strategy.num_replicas_in_sync:
+            raise ValueError(
+                f"batch_size {batch_size} must be a multiple of the "
+                f"{strategy.num_replicas_in_sync} replicas of the "
+                "distribution strategy."
+            )
+        return x, y, batch_size, steps
 
     def _as_tensors(self, x, y):
         """Converts and checks one split: sizes, values, shapes, labels."""
@@ -748,6 +899,11 @@ class DrMADModel(keras.Model):
             raise ValueError(
                 "hypergradient() needs a finished fit() of this model to "
                 "differentiate; call fit() first."
+            )
+        if run.online:
+            raise ValueError(
+                "the last run was fit_t1t2, which changed log_l2 during the "
+                "run; hypergradient() differentiates a fit() run."
             )
         checks.one_of("method", method, reverse.METHODS)
         if curvature is None:

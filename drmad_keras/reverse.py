@@ -758,3 +758,144 @@ def meta_backward(
             [d.numpy() for d in d_theta] if reverse_steps == num_steps else None
         ),
     )
+
+
+def one_step_hypergradient(
+    objective, theta_next, v_next, log_l2, alpha, gamma, x_h, y_h
+):
+    """T1-T2's hypergradient: through the last elementary step only.
+
+    The step `theta_{t+1} = theta_t + alpha v_{t+1}`, `v_{t+1} = gamma v_t -
+    (1 - gamma) grad_theta L1(theta_t)` depends on `lam` only through the
+    gradient, and of the gradient only the penalty's share, so
+
+        d l2(theta_{t+1}) / d lam = -alpha (1 - gamma) H_lt(theta_t) d
+
+    with `d = grad_theta l2(theta_{t+1})` on the HSet batch `(x_h, y_h)` and
+    `theta_t = theta_{t+1} - alpha v_{t+1}`. Earlier steps are ignored: the
+    method's greedy approximation.
+
+    Returns:
+        `(l2 on the batch, d l2 / d log_l2 as a list of tensors)`.
+    """
+    loss, d = hset_gradient(objective, theta_next, x_h, y_h)
+    theta_t = [w - alpha * vk for w, vk in zip(theta_next, v_next)]
+    w = [alpha * (1.0 - gamma) * dk for dk in d]
+    _, h_lam = _second_order_product(objective.penalty_fn, theta_t, log_l2, w)
+    return loss, [-h for h in h_lam]
+
+
+def t1t2_run(
+    objective,
+    theta_0,
+    log_l2,
+    x,
+    y,
+    index,
+    alpha,
+    gamma,
+    x_h,
+    y_h,
+    hyper_index,
+    interval,
+    meta_step,
+    jit_compile=False,
+    progress=None,
+):
+    """One training run that tunes `log_l2` online (T1-T2).
+
+    Every `interval` elementary steps on ESet, one meta step on `log_l2`
+    from `one_step_hypergradient` on the next HSet batch; the remaining
+    steps use the new values.
+
+    Args:
+        objective: `Objective`.
+        theta_0: list of tensors. Initial parameters.
+        log_l2: list of tensors. Starting hyperparameters.
+        x: tensor. ESet inputs.
+        y: tensor. ESet labels.
+        index: int array `(T, batch)`. ESet batch order.
+        alpha: float. Step size.
+        gamma: float. Momentum.
+        x_h: tensor. HSet inputs.
+        y_h: tensor. HSet labels.
+        hyper_index: int array `(meta_steps, batch)`. HSet batch order, one
+            row per meta step (`ceil(T / interval)` rows).
+        interval: int. Elementary steps between meta steps.
+        meta_step: callable. `(log_l2, grads) -> new log_l2`, lists of
+            NumPy arrays.
+        jit_compile: bool, default False.
+        progress: callable or None. Called with the steps done.
+
+    Returns:
+        `(theta_T, log_l2, losses, hset_losses, grads)`: the final
+        parameters and hyperparameters (tensors), the training loss of
+        every elementary step, the HSet batch loss and the hypergradient
+        (list of arrays) of every meta step.
+
+    Raises:
+        DivergenceError: If training or a hypergradient stops being finite.
+    """
+    forward = _compiled(_forward_chunk, jit_compile)
+    hyper = _compiled(one_step_hypergradient, jit_compile)
+    dtype = theta_0[0].dtype
+    table = tf.constant(schedule_table(alpha, len(theta_0), "alpha"), dtype)
+    momentum = tf.constant(schedule_table(gamma, len(theta_0), "gamma"), dtype)
+    alpha_t, gamma_t = tf.constant(alpha, dtype), tf.constant(gamma, dtype)
+    theta = list(theta_0)
+    v = [tf.zeros_like(w) for w in theta]
+    log_l2 = list(log_l2)
+    losses, hset_losses, grads = [], [], []
+    for j, (start, stop) in enumerate(_chunks(len(index), interval)):
+        theta, v, chunk_losses, _ = forward(
+            objective,
+            theta,
+            v,
+            log_l2,
+            x,
+            y,
+            tf.constant(index[start:stop]),
+            tf.zeros(stop - start, tf.int32),
+            table,
+            momentum,
+            False,
+        )
+        chunk_losses = chunk_losses.numpy()
+        losses.append(chunk_losses)
+        if not np.all(np.isfinite(chunk_losses)):
+            bad = start + int(np.argmin(np.isfinite(chunk_losses)))
+            raise DivergenceError(
+                f"training loss became non-finite at elementary step {bad} "
+                f"of {len(index)}; lower the learning rate (alpha), the "
+                "L2 strength or the meta learning rate.",
+                phase="meta-forward",
+                step=bad,
+            )
+
+        # One meta step from the one-step hypergradient on an HSet batch.
+        rows = hyper_index[j]
+        hset_loss, grad = hyper(
+            objective,
+            theta,
+            v,
+            log_l2,
+            alpha_t,
+            gamma_t,
+            tf.gather(x_h, rows),
+            tf.gather(y_h, rows),
+        )
+        grad = [g.numpy() for g in grad]
+        if not all(np.all(np.isfinite(g)) for g in grad):
+            raise DivergenceError(
+                f"the one-step hypergradient after elementary step {stop - 1} "
+                "is not finite.",
+                phase="meta-backward",
+                step=stop - 1,
+            )
+        hset_losses.append(float(hset_loss))
+        grads.append(grad)
+        new = meta_step([lam.numpy() for lam in log_l2], grad)
+        log_l2 = [tf.constant(a, lam.dtype) for a, lam in zip(new, log_l2)]
+        if progress is not None:
+            progress(stop)
+    return theta, log_l2, np.concatenate(losses), hset_losses, grads
