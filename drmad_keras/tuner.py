@@ -1,10 +1,16 @@
 """`DrMADTuner` and its oracle: one keras-tuner trial is one episode.
 
-An episode trains a model with fixed `log_l2` on ESet (meta-forward), takes
-the hypergradient of the HSet loss (meta-backward), makes one meta step on
-`log_l2`, and reports VSet metrics as the objective. The next trial starts
-from the `log_l2` that the last finished trial ended with, so the trials form
-a chain.
+An episode trains a model with fixed hyperparameters on ESet
+(meta-forward), takes the hypergradient of the HSet loss (meta-backward),
+makes one meta step on the hyperparameters, and reports VSet metrics as the
+objective. The next trial starts from the values that the last finished
+trial ended with, so the trials form a chain. The hyperparameters are the
+model's `log_l2`, and its step sizes, momenta and initial scales when it was
+compiled to tune them (`DrMADModel.compile(tune=...)`).
+
+With `method="t1t2"` an episode is instead one training run in which
+`log_l2` takes a meta step every few elementary steps (`fit_t1t2`); the
+next episode starts a new run from the values this one ended with.
 
 Defaults, as DESIGN.md asks them stated: `theta_0` is the same in every
 episode (the model is built from the same seed; `redraw_init=True` changes
@@ -34,8 +40,6 @@ META_OPTIMIZERS = options.META_OPTIMIZERS
 NEXT_PREFIX = "next_"
 # The hyperparameter naming a trial's chain, when there are several.
 CHAIN = "chain"
-# Every HyperRegularizer's hyperparameter name starts with this.
-HP_PREFIX = "log_l2_"
 EPISODE_FILE = "episode.npz"
 
 
@@ -72,15 +76,18 @@ def load_episode(path):
 
 
 class MetaOptimizer:
-    """The meta step on `log_l2`: Adam (default) or sign-SGD, then a clip.
+    """The meta step: Adam (default) or sign-SGD, then a clip.
 
     State is a dict of NumPy arrays, so that it can be saved with the
-    episode and restored with it.
+    episode and restored with it. Each value is clipped to the range of its
+    kind: `log_l2_range` for `log_l2`, `options.RANGES` for the others.
 
     Args:
         name: str, default `"adam"`. `"adam"` or `"sign_sgd"`.
-        learning_rate: float, default 0.1. Step size in log space.
-        log_l2_range: (float, float), default (-12, 2). Clip range.
+        learning_rate: float, default 0.1. Step size in log (or logit)
+            space.
+        log_l2_range: (float, float), default (-12, 2). Clip range of
+            `log_l2`.
     """
 
     def __init__(
@@ -107,6 +114,7 @@ class MetaOptimizer:
                 f"{tuple(log_l2_range)}."
             )
         self.log_l2_range = (low, high)
+        self.ranges = dict(options.RANGES, log_l2=self.log_l2_range)
 
     def step(self, values, grads, state, scale=1.0):
         """Returns `(new_values, new_state)`; inputs are not modified.
@@ -135,7 +143,7 @@ class MetaOptimizer:
                 update = m_hat / (np.sqrt(v_hat) + 1e-8)
             new_values[name] = np.clip(
                 np.asarray(value, np.float64) - lr * update,
-                *self.log_l2_range,
+                *self.ranges[options.kind_of(name) or "log_l2"],
             )
         return new_values, new_state
 
@@ -279,13 +287,13 @@ def chain_of(trial):
 
 
 class _ChainHyperModel(keras_tuner.HyperModel):
-    """Builds the user's model and declares one hyperparameter per
-    `HyperRegularizer`, named after its layer."""
+    """Builds the user's model and declares its tuned hyperparameters (one
+    per `HyperRegularizer` and kind, named after the layer)."""
 
-    def __init__(self, source, log_l2_range, seed, redraw_init, chains):
+    def __init__(self, source, ranges, seed, redraw_init, chains):
         super().__init__()
         self.chains = chains
-        self.log_l2_range = log_l2_range
+        self.ranges = ranges
         self.seed = seed
         self.redraw_init = redraw_init
         self.episode = 0
@@ -328,22 +336,22 @@ class _ChainHyperModel(keras_tuner.HyperModel):
                 "the build function must compile the DrMADModel with "
                 "drmad_keras.MomentumSGD and a loss."
             )
-        regs = model.check_hyper_regularizers()
-        low, high = self.log_l2_range
+        model.check_hyper_regularizers()
         if self.chains > 1:
             hp.Int(CHAIN, 0, self.chains - 1)
-        for reg in regs:
+        for name, value in model.get_hyperparameters().items():
+            low, high = self.ranges[options.kind_of(name)]
             hp.Float(
-                reg.hp_name,
+                name,
                 min_value=low,
                 max_value=high,
-                default=float(np.clip(reg.init_log_l2, low, high)),
+                default=float(np.clip(np.mean(value), low, high)),
             )
         return model
 
 
 class DrMADTuner(keras_tuner.Tuner):
-    """Tunes every `log_l2` of a `DrMADModel` by hypergradient descent.
+    """Tunes the hyperparameters of a `DrMADModel` by hypergradients.
 
     `search(x, y, hyper_data=(x_h, y_h), validation_data=(x_v, y_v), ...)`
     runs episodes until `max_trials` have run. Everything keras-tuner offers
@@ -351,9 +359,10 @@ class DrMADTuner(keras_tuner.Tuner):
     `get_best_models()`, and a new tuner on the same `directory` and
     `project_name` (with `overwrite=False`) continues the chain.
 
-    For per-unit `log_l2` the keras-tuner hyperparameter holds the mean of
-    the unit values; the values themselves are in each trial's
-    `episode.npz` and in the weights of its saved model.
+    For per-unit `log_l2`, and per-block step sizes and momenta, the
+    keras-tuner hyperparameter holds the mean of the values; the values
+    themselves are in each trial's `episode.npz` (and, for `log_l2`, in the
+    weights of its saved model).
 
     Args:
         hypermodel: a compiled `DrMADModel`, a function `build(hp)` returning
@@ -361,7 +370,10 @@ class DrMADTuner(keras_tuner.Tuner):
         max_trials: int, default 10. Number of episodes.
         objective: str, default `"val_error"`. `"val_error"`, `"val_loss"`
             or `"hset_loss"`, minimized.
-        method: str, default `"drmad"`. `"drmad"` or `"exact"`.
+        method: str, default `"drmad"`. `"drmad"` or `"exact"` (episodes
+            of a run and a reverse pass), or `"t1t2"` (episodes of one run
+            that tunes `log_l2` online, see `DrMADModel.fit_t1t2`; the
+            meta learning rate then applies to each online meta step).
         curvature: str or None. See `DrMADModel.hypergradient`.
         reverse_steps: int or None. See `DrMADModel.hypergradient`.
         meta_optimizer: str, default `"adam"`. `"adam"` or `"sign_sgd"`.
@@ -373,6 +385,8 @@ class DrMADTuner(keras_tuner.Tuner):
             episode.
         seed: int, default 0. Seeds the initial weights and batch order.
         max_growth: float, default 1e6. See `reverse.meta_backward`.
+        t1t2_interval: int, default 10. Elementary steps per online meta
+            step under `method="t1t2"`.
         chains: int, default 1. Independent chains of episodes, run in
             turn (see `DrMADOracle`); `max_trials` counts all of them.
         initial_values: list of dict or None. Starting `log_l2` per chain;
@@ -397,6 +411,7 @@ class DrMADTuner(keras_tuner.Tuner):
         reshuffle=False,
         seed=0,
         max_growth=1e6,
+        t1t2_interval=10,
         chains=1,
         initial_values=None,
         **kwargs,
@@ -409,7 +424,8 @@ class DrMADTuner(keras_tuner.Tuner):
         checks.one_of(
             "objective", objective, ("val_error", "val_loss", "hset_loss")
         )
-        self.method = checks.one_of("method", method, reverse.METHODS)
+        self.method = checks.one_of("method", method, options.TUNER_METHODS)
+        self.t1t2_interval = checks.positive_int("t1t2_interval", t1t2_interval)
         if curvature is not None:
             checks.one_of("curvature", curvature, reverse.CURVATURES)
         self.curvature = curvature
@@ -431,7 +447,7 @@ class DrMADTuner(keras_tuner.Tuner):
         )
         chain = _ChainHyperModel(
             hypermodel,
-            self.meta_optimizer.log_l2_range,
+            self.meta_optimizer.ranges,
             self.seed,
             bool(redraw_init),
             oracle.chains,
@@ -484,6 +500,12 @@ class DrMADTuner(keras_tuner.Tuner):
 
         # Every split through a model of the search space.
         model = self.hypermodel.build(self.oracle.get_space())
+        if self.method == "t1t2" and model.tuned_kinds != ("log_l2",):
+            raise NotImplementedError(
+                "method='t1t2' tunes log_l2 only; the model is compiled to "
+                f"tune {model.tuned_kinds}. Use method='drmad' or 'exact' "
+                "for the other kinds."
+            )
         for name, (x, y) in (
             ("ESet (x, y)", (args["x"], args["y"])),
             ("hyper_data", args["hyper_data"]),
@@ -564,45 +586,72 @@ class DrMADTuner(keras_tuner.Tuner):
 
         # Where this episode starts; the trial records it (per unit: the
         # mean), then the model is built with it.
-        values, state = self._episode_start(trial)
+        values, state, scale = self._episode_start(trial)
         for name, value in values.items():
             trial.hyperparameters.values[name] = float(np.mean(value))
         model = self._episode_model(trial.hyperparameters, x)
-        model.set_log_l2(values)
-        values = model.get_log_l2()
-
-        # Meta-forward on ESet, meta-backward on HSet.
+        model.set_hyperparameters(values)
+        values = model.get_hyperparameters()
         seed = self.seed + (episode if self.reshuffle else 0)
-        model.fit(
-            x,
-            y,
-            batch_size=batch_size,
-            steps=steps,
-            epochs=epochs,
-            seed=seed,
-            record_trajectory=self.method == "exact",
-            verbose=verbose,
-            callbacks=callbacks,
-        )
-        result = model.hypergradient(
-            x_h,
-            y_h,
-            method=self.method,
-            curvature=self.curvature,
-            reverse_steps=self.reverse_steps,
-            max_growth=self.max_growth,
-            verbose=verbose,
-        )
 
-        # Meta step.
-        next_values, next_state = self.meta_optimizer.step(
-            values, result.grads, state
-        )
+        if self.method == "t1t2":
+            # One run with online meta steps; the episode's gradient is the
+            # mean of the one-step hypergradients.
+            online_state = [state]
+
+            def meta_step(current, grads):
+                new, online_state[0] = self.meta_optimizer.step(
+                    current, grads, online_state[0], scale=scale
+                )
+                return new
+
+            online = model.fit_t1t2(
+                x,
+                y,
+                x_h,
+                y_h,
+                meta_step,
+                batch_size=batch_size,
+                steps=steps,
+                epochs=epochs,
+                interval=self.t1t2_interval,
+                seed=seed,
+                verbose=verbose,
+            )
+            grads = {k: np.mean(g, axis=0) for k, g in online.grads.items()}
+            hset_loss = model.evaluate_split(x_h, y_h)[0]
+            next_values, next_state = model.get_log_l2(), online_state[0]
+        else:
+            # Meta-forward on ESet, meta-backward on HSet, meta step.
+            model.fit(
+                x,
+                y,
+                batch_size=batch_size,
+                steps=steps,
+                epochs=epochs,
+                seed=seed,
+                record_trajectory=self.method == "exact",
+                verbose=verbose,
+                callbacks=callbacks,
+            )
+            result = model.hypergradient(
+                x_h,
+                y_h,
+                method=self.method,
+                curvature=self.curvature,
+                reverse_steps=self.reverse_steps,
+                max_growth=self.max_growth,
+                verbose=verbose,
+            )
+            grads, hset_loss = result.grads, result.hset_loss
+            next_values, next_state = self.meta_optimizer.step(
+                values, grads, state
+            )
 
         val_loss, val_error = model.evaluate_split(x_v, y_v)
         self.save_model(trial.trial_id, model)
         arrays = {f"start/{k}": np.asarray(v) for k, v in values.items()}
-        arrays.update({f"grad/{k}": v for k, v in result.grads.items()})
+        arrays.update({f"grad/{k}": v for k, v in grads.items()})
         arrays.update({f"next/{k}": v for k, v in next_values.items()})
         arrays.update({f"opt/{k}": v for k, v in next_state.items()})
         arrays.update({f"optprev/{k}": v for k, v in state.items()})
@@ -619,12 +668,12 @@ class DrMADTuner(keras_tuner.Tuner):
         )
 
         grad_norm = float(
-            np.sqrt(sum(np.sum(np.square(g)) for g in result.grads.values()))
+            np.sqrt(sum(np.sum(np.square(g)) for g in grads.values()))
         )
         metrics = {
             "val_error": val_error,
             "val_loss": val_loss,
-            "hset_loss": result.hset_loss,
+            "hset_loss": hset_loss,
             "train_loss": float(np.mean(model.last_run.losses[-10:])),
             "hypergradient_norm": grad_norm,
             "seconds": time.time() - start,
@@ -649,7 +698,7 @@ class DrMADTuner(keras_tuner.Tuner):
             sorted(
                 (k, v)
                 for k, v in hp.values.items()
-                if not k.startswith(HP_PREFIX) and k != CHAIN
+                if options.kind_of(k) is None and k != CHAIN
             ),
         )
         cached = getattr(self, "_cached_model", None)
@@ -666,13 +715,15 @@ class DrMADTuner(keras_tuner.Tuner):
         return model
 
     def _episode_start(self, trial):
-        """`log_l2` and meta-optimizer state that this episode starts from.
+        """Hyperparameters and meta-optimizer state that this episode
+        starts from, and the scale of its meta steps.
 
         After a completed episode: the values and state it ended with.
         After episodes that failed since the last completed one: that
         episode's meta step again, scaled down by half per failure, so that
-        the chain goes on from the last good values with a smaller step.
-        The first episode takes the hyperparameters' values.
+        the chain goes on from the last good values with a smaller step
+        (under `t1t2`, the online meta steps of this run are scaled). The
+        first episode takes the hyperparameters' values.
         """
         last, failures = _chain_history(
             self.oracle.get_trial, trial.trial_id, chain_of(trial)
@@ -684,9 +735,11 @@ class DrMADTuner(keras_tuner.Tuner):
                 saved = load_episode(path)
         if saved is None:
             values = trial.hyperparameters.values
-            return {
-                k: v for k, v in values.items() if k.startswith(HP_PREFIX)
-            }, {}
+            return (
+                {k: v for k, v in values.items() if options.kind_of(k)},
+                {},
+                1.0,
+            )
 
         def part(prefix):
             return {
@@ -696,7 +749,7 @@ class DrMADTuner(keras_tuner.Tuner):
             }
 
         if failures == 0:
-            return part("next/"), part("opt/")
+            return part("next/"), part("opt/"), 1.0
         scale = 0.5**failures
         logging.warning(
             "episode %s: %d episode(s) failed since episode %s; retrying "
@@ -706,9 +759,12 @@ class DrMADTuner(keras_tuner.Tuner):
             last.trial_id,
             scale,
         )
-        return self.meta_optimizer.step(
+        if self.method == "t1t2":
+            return part("next/"), part("opt/"), scale
+        values, state = self.meta_optimizer.step(
             part("start/"), part("grad/"), part("optprev/"), scale=scale
         )
+        return values, state, 1.0
 
     def save(self):
         """Saves the tuner and its oracle, each file atomically."""
@@ -732,9 +788,10 @@ class DrMADTuner(keras_tuner.Tuner):
         """Every trial in chain order, as plain dicts.
 
         Returns:
-            list of dict with `episode`, `trial_id`, `status`, `log_l2`
-            (start values; per unit: the mean), the metrics, and `message`
-            for failed trials.
+            list of dict with `episode`, `trial_id`, `status`, one dict per
+            tuned kind (`log_l2`, and `log_lr`, ... when tuned: name to
+            start value; per unit or per block: the mean), the metrics, and
+            `message` for failed trials.
         """
         rows = []
         for trial_id in self.oracle.start_order:
@@ -744,12 +801,12 @@ class DrMADTuner(keras_tuner.Tuner):
                 "chain": chain_of(trial),
                 "trial_id": trial_id,
                 "status": str(trial.status),
-                "log_l2": {
-                    k: v
-                    for k, v in trial.hyperparameters.values.items()
-                    if k.startswith(HP_PREFIX)
-                },
+                "log_l2": {},
             }
+            for k, v in trial.hyperparameters.values.items():
+                kind = options.kind_of(k)
+                if kind is not None:
+                    row.setdefault(kind, {})[k] = v
             for name in trial.metrics.metrics:
                 if not name.startswith(NEXT_PREFIX):
                     row[name] = trial.metrics.get_last_value(name)
@@ -775,12 +832,17 @@ def _pair(name, value):
 
 
 def _episode_line(episode, values, metrics):
-    l2 = " ".join(
-        f"{name[len('log_l2_') :]}={float(np.mean(v)):+.3f}"
-        for name, v in values.items()
-    )
+    parts = []
+    for kind in options.KINDS:
+        named = [
+            f"{name[len(kind) + 1 :]}={float(np.mean(v)):+.3f}"
+            for name, v in values.items()
+            if options.kind_of(name) == kind
+        ]
+        if named:
+            parts.append(f"{kind} {' '.join(named)}")
     return (
-        f"episode {episode:3d}  log_l2 {l2}  hset_loss "
+        f"episode {episode:3d}  {'  '.join(parts)}  hset_loss "
         f"{metrics['hset_loss']:.4f}  val_error {metrics['val_error']:.4f}  "
         f"{metrics['seconds']:.1f}s"
     )

@@ -18,10 +18,17 @@ def _search(
     max_trials,
     granularity="layer",
     overwrite=True,
+    model_kwargs=None,
     **kwargs,
 ):
     tuner = tuner_lib.DrMADTuner(
-        lambda hp: mlp(98, [8], granularity=granularity, init_log_l2=-2.0),
+        lambda hp: mlp(
+            98,
+            [8],
+            granularity=granularity,
+            init_log_l2=-2.0,
+            **(model_kwargs or {}),
+        ),
         max_trials=max_trials,
         directory=directory,
         project_name="chain",
@@ -200,3 +207,107 @@ def test_several_chains(small_mnist, tmp_path):
     assert [r["log_l2"] for r in rows if r["val_error"] == best_error][0] == {
         k: v for k, v in best.items() if k != "chain"
     }
+
+
+ALL_KINDS = ("log_l2", "log_lr", "logit_momentum", "log_init_scale")
+
+
+@pytest.mark.parametrize("method", ["drmad", "exact"])
+def test_every_kind_is_tuned_and_reported(small_mnist, tmp_path, method):
+    tuner = _search(
+        small_mnist,
+        tmp_path,
+        3,
+        method=method,
+        model_kwargs={"tune": ALL_KINDS, "schedule_blocks": 2},
+    )
+    arrays, trials = _start_and_next(tuner)
+    assert [t.status for t in trials] == ["COMPLETED"] * 3
+    names = [f"{k}_{layer}" for k in ALL_KINDS for layer in ("h0", "out")]
+    assert sorted(trials[0].hyperparameters.values) == sorted(names)
+    assert trials[0].hyperparameters.get("log_lr_h0") == pytest.approx(
+        np.log(0.1)
+    )
+    for before, after in zip(arrays, arrays[1:]):
+        for name in names:
+            np.testing.assert_allclose(
+                after[f"start/{name}"], before[f"next/{name}"], rtol=1e-6
+            )
+            assert np.shape(after[f"grad/{name}"]) == np.shape(
+                after[f"start/{name}"]
+            )
+            assert np.all(after[f"grad/{name}"] != 0.0)
+    # Block values move apart: the schedule is really per block.
+    last = arrays[-1]["next/log_lr_out"]
+    assert last.shape == (2,) and last[0] != last[1]
+    low, high = drmad_keras.options.RANGES["logit_momentum"]
+    assert low <= np.min(arrays[-1]["next/logit_momentum_h0"]) <= high
+
+    rows = tuner.episodes()
+    assert set(rows[1]["log_lr"]) == {"log_lr_h0", "log_lr_out"}
+    assert rows[1]["log_init_scale"]["log_init_scale_out"] == pytest.approx(
+        float(arrays[0]["next/log_init_scale_out"]), rel=1e-6
+    )
+
+
+def test_t1t2_lowers_the_hset_loss_within_one_run(small_mnist):
+    # Same theta_0, same batches: a plain run at the starting log_l2
+    # against one that tunes log_l2 every 5 steps.
+    model = mlp(98, [20], init_log_l2=-3.0)
+    theta_0 = [v.numpy() for v in model.trainable_variables]
+    fit = {"batch_size": 20, "steps": 200, "seed": 0, "verbose": 0}
+    model.fit(small_mnist["x_e"], small_mnist["y_e"], **fit)
+    plain = model.evaluate_split(small_mnist["x_h"], small_mnist["y_h"])[0]
+
+    for var, value in zip(model.trainable_variables, theta_0):
+        var.assign(value)
+    meta = tuner_lib.MetaOptimizer("adam", 0.05)
+    state = [{}]
+
+    def meta_step(values, grads):
+        new, state[0] = meta.step(values, grads, state[0])
+        return new
+
+    online = model.fit_t1t2(
+        small_mnist["x_e"],
+        small_mnist["y_e"],
+        small_mnist["x_h"],
+        small_mnist["y_h"],
+        meta_step,
+        interval=5,
+        **fit,
+    )
+    tuned = model.evaluate_split(small_mnist["x_h"], small_mnist["y_h"])[0]
+    print(f"HSet loss: plain {plain:.4f}, t1t2 {tuned:.4f}")
+    assert tuned < 0.95 * plain
+    assert online.history["log_l2_h0"].shape == (40,)
+    assert online.grads["log_l2_out"].shape == (40,)
+    assert model.get_log_l2()["log_l2_out"] < -3.5
+    with pytest.raises(ValueError, match="fit_t1t2"):
+        model.hypergradient(small_mnist["x_h"], small_mnist["y_h"])
+
+
+def test_t1t2_tuner_chains_runs(small_mnist, tmp_path):
+    tuner = _search(small_mnist, tmp_path, 2, method="t1t2", t1t2_interval=5)
+    arrays, trials = _start_and_next(tuner)
+    assert [t.status for t in trials] == ["COMPLETED"] * 2
+    for name in ("log_l2_h0", "log_l2_out"):
+        np.testing.assert_allclose(
+            arrays[1][f"start/{name}"], arrays[0][f"next/{name}"], rtol=1e-6
+        )
+        assert arrays[0][f"next/{name}"] != arrays[0][f"start/{name}"]
+    # The meta-optimizer's state goes on from run to run: 5 meta steps of
+    # 25 elementary steps each.
+    assert float(arrays[1]["opt/count"]) == 10.0
+    # The saved model holds the final log_l2 of its run.
+    best = tuner.get_best_models(1)[0]
+    assert set(best.get_log_l2()) == {"log_l2_h0", "log_l2_out"}
+
+    with pytest.raises(NotImplementedError, match="log_l2 only"):
+        _search(
+            small_mnist,
+            tmp_path / "kinds",
+            1,
+            method="t1t2",
+            model_kwargs={"tune": ("log_l2", "log_lr")},
+        )
