@@ -38,6 +38,9 @@ class Config:
     method: str = "drmad"
     curvature: str = None
     reverse_steps: int = None
+    tune: tuple = ("log_l2",)
+    schedule_blocks: int = 1
+    t1t2_interval: int = 10
     seed: int = 0
     output_dir: str = "runs/mnist"
     gpu: bool = False
@@ -73,7 +76,37 @@ class Config:
             "meta_optimizer", self.meta_optimizer, options.META_OPTIMIZERS
         )
         checks.positive_float("meta_learning_rate", self.meta_learning_rate)
-        checks.one_of("method", self.method, options.METHODS)
+        checks.one_of("method", self.method, options.TUNER_METHODS)
+        if isinstance(self.tune, str) or not self.tune:
+            raise ValueError(
+                f"tune must name at least one of {options.KINDS}; got "
+                f"{self.tune!r}."
+            )
+        for kind in self.tune:
+            checks.one_of("tune", kind, options.KINDS)
+        if len(set(self.tune)) != len(self.tune):
+            raise ValueError(f"tune names a kind twice: {self.tune}.")
+        checks.positive_int("schedule_blocks", self.schedule_blocks)
+        if self.schedule_blocks > self.steps:
+            raise ValueError(
+                f"schedule_blocks ({self.schedule_blocks}) cannot exceed "
+                f"steps ({self.steps})."
+            )
+        checks.positive_int("t1t2_interval", self.t1t2_interval)
+        if self.method == "t1t2" and tuple(self.tune) != ("log_l2",):
+            raise ValueError(
+                "method t1t2 tunes log_l2 only; got tune="
+                f"{','.join(self.tune)}."
+            )
+        if "logit_momentum" in self.tune and self.momentum == 0.0:
+            raise ValueError(
+                "tuning logit_momentum needs a momentum above 0 to start from."
+            )
+        if "log_init_scale" in self.tune and self.reverse_steps is not None:
+            raise ValueError(
+                "tuning log_init_scale needs the whole reverse pass; drop "
+                "reverse_steps."
+            )
         if self.curvature is not None:
             checks.one_of("curvature", self.curvature, options.CURVATURES)
         if self.reverse_steps is not None:
@@ -112,4 +145,5 @@ class Config:
         if self.source == "mnist_sample":
             settings.pop("data_dir")
         settings["hidden"] = list(self.hidden)
+        settings["tune"] = list(self.tune)
         return settings

@@ -17,6 +17,7 @@ import numpy as np
 from absl import logging
 
 from drmad_keras import data
+from drmad_keras import options
 from drmad_keras import tuner as tuner_lib
 from drmad_keras.config import Config  # noqa: F401  (part of this API)
 
@@ -67,6 +68,8 @@ def build_model(config, inputs=784, classes=10, model_class=None, metrics=None):
         ),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=metrics,
+        tune=config.tune,
+        schedule_blocks=config.schedule_blocks,
     )
     return model
 
@@ -233,6 +236,7 @@ def _search(config, splits):
             reverse_steps=config.reverse_steps,
             meta_optimizer=config.meta_optimizer,
             meta_learning_rate=config.meta_learning_rate,
+            t1t2_interval=config.t1t2_interval,
             seed=config.seed,
             directory=config.output_dir,
             project_name=PROJECT,
@@ -333,6 +337,14 @@ def summary_text(results):
             f"{row['episode']:7d}   {row['hset_loss']:9.4f}  "
             f"{row['val_error']:9.4f}  {row['test_error']:10.4f}   ({name})"
         )
+    best = results["best"]
+    for kind in options.KINDS:
+        if best.get(kind):
+            values = "  ".join(
+                f"{name[len(kind) + 1 :]} {value:+.3f}"
+                for name, value in best[kind].items()
+            )
+            lines.append(f"best {kind}: {values}")
     return "\n".join(lines)
 
 
@@ -365,8 +377,9 @@ def _write_tensorboard(episodes, logdir):
             ):
                 if row.get(name) is not None:
                     tf.summary.scalar(name, row[name], step=step)
-            for name, value in row["log_l2"].items():
-                tf.summary.scalar(f"log_l2/{name}", value, step=step)
+            for kind in options.KINDS:
+                for name, value in row.get(kind, {}).items():
+                    tf.summary.scalar(f"{kind}/{name}", value, step=step)
     writer.close()
 
 
@@ -378,17 +391,25 @@ def _write_plots(episodes, output_dir):
 
     x = [row["episode"] for row in episodes]
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in episodes[0]["log_l2"]:
-        ax.plot(
-            x, [row["log_l2"][name] for row in episodes], marker="o", label=name
-        )
-    ax.set_xlabel("episode")
-    ax.set_ylabel("log_l2 (per unit: mean)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(output_dir, "log_l2.png"), dpi=100)
-    plt.close(fig)
+    # One figure per tuned kind: log_l2.png, log_lr.png, ...
+    for kind in options.KINDS:
+        names = episodes[0].get(kind)
+        if not names:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name in names:
+            ax.plot(
+                x,
+                [row[kind][name] for row in episodes],
+                marker="o",
+                label=name,
+            )
+        ax.set_xlabel("episode")
+        ax.set_ylabel(f"{kind} (per unit or block: mean)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(output_dir, f"{kind}.png"), dpi=100)
+        plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(
