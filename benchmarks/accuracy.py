@@ -7,9 +7,15 @@ For each setting (learning rate, `T`, starting `log_l2`, granularity) one
 run is trained with its trajectory stored; then the hypergradient of its
 HSet loss is computed by `exact` (Hessian products at the stored weights)
 and by `drmad` with each curvature and with `reverse_steps` of `T` and
-`T/10`. Reported: the cosine with `exact`, and the ratio of norms. On the
-smallest setting, central finite differences (retraining at `log_l2 +- eps`,
-float64) check `exact` itself.
+`T/10`. Reported: the cosine with `exact`, and the ratio of norms.
+
+A second table does the same per kind of hyperparameter (`log_l2`,
+`log_lr`, `logit_momentum`, `log_init_scale`, all tuned at once, `drmad`
+with its default curvature over all `T` steps), with one value per layer
+or, in the schedule rows, per layer and block.
+
+On the smallest setting, central finite differences (retraining at
+`value +- eps`, float64) check `exact` itself for every kind.
 """
 
 import itertools
@@ -85,8 +91,49 @@ def compare(config, split, steps):
     return {"exact_norm": float(np.linalg.norm(exact)), "variants": rows}
 
 
+def _cos(a, b):
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def compare_kinds(config, split, steps):
+    """Cosine and norm ratio of `drmad` against `exact`, per kind."""
+    (x, y), (x_h, y_h) = split.eset, split.hset
+    model = common.drmad_model(config)
+    model.fit(
+        x,
+        y,
+        batch_size=config.batch_size,
+        steps=steps,
+        record_trajectory=True,
+        seed=config.seed,
+        verbose=0,
+    )
+    exact = model.hypergradient(x_h, y_h, method="exact", verbose=0).grads
+    try:
+        drmad = model.hypergradient(
+            x_h, y_h, method="drmad", max_growth=np.inf, verbose=0
+        ).grads
+    except drmad_keras.DivergenceError:
+        drmad = None
+    found = {}
+    for kind in config.tune:
+        names = [n for n in exact if n.startswith(kind + "_")]
+        e = np.concatenate([np.ravel(exact[n]) for n in names])
+        if drmad is None:
+            found[kind] = {"cosine": float("nan"), "norm_ratio": float("nan")}
+            continue
+        d = np.concatenate([np.ravel(drmad[n]) for n in names])
+        found[kind] = {
+            "cosine": _cos(d, e),
+            "norm_ratio": float(np.linalg.norm(d) / np.linalg.norm(e)),
+            "sign_agreement": float(np.mean(np.sign(d) == np.sign(e))),
+        }
+    return found
+
+
 def finite_differences(config, split, steps, eps=1e-4):
-    """`exact` against central differences, per layer, in float64."""
+    """`exact` against central differences, per hyperparameter, in
+    float64."""
     previous = keras.config.floatx(), keras.config.dtype_policy()
     keras.config.set_floatx("float64")
     keras.config.set_dtype_policy("float64")
@@ -103,10 +150,10 @@ def finite_differences(config, split, steps, eps=1e-4):
             verbose=0,
         )
         exact = model.hypergradient(x_h, y_h, method="exact", verbose=0)
-        start = model.get_log_l2()
+        start = model.get_hyperparameters()
 
         def hset_loss(values):
-            model.set_log_l2(values)
+            model.set_hyperparameters(values)
             for var, value in zip(model.trainable_variables, theta_0):
                 var.assign(value)
             model.fit(
@@ -119,7 +166,7 @@ def finite_differences(config, split, steps, eps=1e-4):
             plus = {**start, name: value + eps}
             minus = {**start, name: value - eps}
             fd = (hset_loss(plus) - hset_loss(minus)) / (2 * eps)
-            got = float(exact.grads[name])
+            got = float(np.ravel(exact.grads[name])[0])
             rows.append(
                 {
                     "name": name,
@@ -204,7 +251,67 @@ def main(argv):
         )
     )
 
-    config = common.paper_config(learning_rate=0.1, init_log_l2=-3.0, **base)
+    # Every kind of hyperparameter, drmad against exact.
+    if FLAGS.quick:
+        kind_grid = [(0.1, 50, -3.0, "layer", 1), (0.1, 50, -3.0, "layer", 2)]
+    else:
+        kind_grid = [
+            (lr, steps, init, "layer", 1)
+            for lr, steps, init in itertools.product(
+                (0.05, 0.1, 0.2), (250, 1000), (-5.0, -3.0)
+            )
+        ] + [
+            (0.5, 1000, -3.0, "layer", 1),
+            (0.1, 1000, -3.0, "layer", 4),
+            (0.1, 1000, -3.0, "unit", 1),
+        ]
+    results["kinds"] = []
+    kind_table = []
+    for lr, steps, init, granularity, blocks in kind_grid:
+        config = common.paper_config(
+            learning_rate=lr,
+            init_log_l2=init,
+            granularity=granularity,
+            tune=drmad_keras.options.KINDS,
+            schedule_blocks=blocks,
+            **base,
+        )
+        found = compare_kinds(config, common.splits(config), steps)
+        results["kinds"].append(
+            {
+                "learning_rate": lr,
+                "steps": steps,
+                "init_log_l2": init,
+                "granularity": granularity,
+                "schedule_blocks": blocks,
+                "kinds": found,
+            }
+        )
+        kind_table.append(
+            [lr, steps, init, granularity, blocks]
+            + [
+                f"{found[k]['cosine']:.3f} ({found[k]['norm_ratio']:.2g})"
+                for k in drmad_keras.options.KINDS
+            ]
+        )
+    print(
+        "\ndrmad (gauss_newton, all T) against exact, per kind of "
+        "hyperparameter: cosine (norm ratio)\n"
+    )
+    print(
+        common.table(
+            ["alpha", "T", "init log_l2", "granularity", "blocks"]
+            + list(drmad_keras.options.KINDS),
+            kind_table,
+        )
+    )
+
+    config = common.paper_config(
+        learning_rate=0.1,
+        init_log_l2=-3.0,
+        tune=drmad_keras.options.KINDS,
+        **base,
+    )
     fd = finite_differences(config, common.splits(config), fd_steps)
     results["finite_differences"] = fd
     print(

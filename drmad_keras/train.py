@@ -261,14 +261,16 @@ def _search(config, splits):
         )
     except (RuntimeError, KeyboardInterrupt) as error:
         # keras-tuner stops after too many failed trials in a row; keep
-        # what finished and say where the reasons are.
-        write_outputs(
-            summarize(tuner, splits, config, test=False),
-            config.output_dir,
-            figures=False,
-        )
+        # what finished (with the test errors of its first and best
+        # episodes) and say where the reasons are.
         if isinstance(error, KeyboardInterrupt):
+            write_outputs(
+                summarize(tuner, splits, config, test=False),
+                config.output_dir,
+                figures=False,
+            )
             raise
+        write_outputs(summarize(tuner, splits, config), config.output_dir)
         raise RuntimeError(
             f"the search stopped: {str(error).splitlines()[0]} The reason "
             "of each failed episode is under 'message' in "

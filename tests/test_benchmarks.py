@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         ("cost", "| training | steps/s | ratio to stock fit |"),
         ("accuracy", "| alpha | T | init log_l2 |"),
         ("tuners", "| log_l2 per | method | trials |"),
+        ("methods", "| method | HSet loss, episode 0 |"),
     ],
 )
 def test_benchmark_quick(tmp_path, name, header):
@@ -25,7 +26,7 @@ def test_benchmark_quick(tmp_path, name, header):
         "--quick",
         f"--out_dir={tmp_path}",
     ]
-    if name == "tuners":
+    if name in ("tuners", "methods"):
         args.append(f"--workdir={tmp_path / 'work'}")
     done = subprocess.run(
         args,
@@ -47,7 +48,27 @@ def test_benchmark_quick(tmp_path, name, header):
     if name == "accuracy":
         for row in results["finite_differences"]:
             assert row["relative_error"] < 0.02
+        kinds = {
+            row["name"].split("_h")[0] for row in results["finite_differences"]
+        }
+        assert kinds == {
+            "log_l2",
+            "log_lr",
+            "logit_momentum",
+            "log_init_scale",
+        }
+        for setting in results["kinds"]:
+            for kind, found in setting["kinds"].items():
+                assert -1.0 <= found["cosine"] <= 1.0, (kind, found)
     if name == "tuners":
         for regime in ("layer", "unit"):
             assert set(results[regime]) == {"drmad", "random", "bayesian"}
         assert (tmp_path / "tuners_unit.png").exists()
+    if name == "methods":
+        rows = {r["label"]: r for r in results["rows"]}
+        assert all(r["episodes"] == 3 for r in rows.values())
+        # Same start, same theta_0 and batches: tuning online within the
+        # run beats the plain run at the starting values.
+        assert (
+            rows["t1t2"]["first_hset_loss"] < rows["drmad"]["first_hset_loss"]
+        )
