@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from drmad_keras import options
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -49,14 +51,10 @@ def test_benchmark_quick(tmp_path, name, header):
         for row in results["finite_differences"]:
             assert row["relative_error"] < 0.02
         kinds = {
-            row["name"].split("_h")[0] for row in results["finite_differences"]
+            options.kind_of(row["name"])
+            for row in results["finite_differences"]
         }
-        assert kinds == {
-            "log_l2",
-            "log_lr",
-            "logit_momentum",
-            "log_init_scale",
-        }
+        assert kinds == set(options.KINDS)
         for setting in results["kinds"]:
             for kind, found in setting["kinds"].items():
                 assert -1.0 <= found["cosine"] <= 1.0, (kind, found)
