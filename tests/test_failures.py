@@ -231,6 +231,16 @@ def test_compile_needs_momentum_sgd():
         ({"meta_optimizer": "sgd"}, "meta_optimizer"),
         ({"granularity": "row"}, "granularity"),
         ({"steps": 5, "reverse_steps": 6}, "reverse_steps"),
+        ({"tune": ("log_l3",)}, "tune"),
+        ({"tune": ()}, "tune"),
+        ({"tune": "log_l2"}, "tune"),
+        ({"tune": ("log_lr", "log_lr")}, "twice"),
+        ({"schedule_blocks": 0}, "schedule_blocks"),
+        ({"steps": 5, "schedule_blocks": 6}, "schedule_blocks"),
+        ({"t1t2_interval": 0}, "t1t2_interval"),
+        ({"method": "t1t2", "tune": ("log_l2", "log_lr")}, "log_l2 only"),
+        ({"momentum": 0.0, "tune": ("logit_momentum",)}, "momentum"),
+        ({"tune": ("log_init_scale",), "reverse_steps": 10}, "whole reverse"),
     ],
 )
 def test_bad_config(kwargs, match):

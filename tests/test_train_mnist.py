@@ -78,6 +78,9 @@ def test_end_to_end_writes_its_files(tmp_path):
         (["stray"], "unexpected"),
         (["--eset=4500"], "more images"),
         (["--seed=-1"], "seed"),
+        (["--tune=log_l2,momentum"], "tune"),
+        (["--method=t1t2", "--tune=log_l2,log_lr"], "log_l2 only"),
+        (["--t1t2_interval=0"], "t1t2_interval"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(tmp_path, args, flag):
@@ -91,6 +94,36 @@ def test_bad_flags_exit_2_with_one_line(tmp_path, args, flag):
     assert len(errors) == 1 and flag in errors[0], done.stderr
     # Nothing else: the settings are refused before TensorFlow loads.
     assert done.stderr.strip() == errors[0]
+
+
+def test_t1t2_and_more_kinds_end_to_end(tmp_path):
+    online = run_script(
+        *TINY, "--method=t1t2", "--t1t2_interval=5", f"--output_dir={tmp_path}"
+    )
+    assert online.returncode == 0, online.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["config"]["method"] == "t1t2"
+    assert results["config"]["meta_learning_rate"] == 0.02
+    first, second = results["episodes"]
+    assert first["log_l2"] != second["log_l2"]
+
+    out = tmp_path / "kinds"
+    kinds = run_script(
+        *TINY,
+        "--tune=log_l2,log_lr,logit_momentum,log_init_scale",
+        "--schedule_blocks=2",
+        f"--output_dir={out}",
+    )
+    assert kinds.returncode == 0, kinds.stderr
+    assert "best log_lr:" in kinds.stdout
+    results = json.loads((out / "results.json").read_text())
+    for kind in ("log_lr", "logit_momentum", "log_init_scale"):
+        assert set(results["episodes"][1][kind]) == {
+            f"{kind}_hidden1",
+            f"{kind}_hidden2",
+            f"{kind}_logits",
+        }
+        assert (out / f"{kind}.png").exists()
 
 
 def test_a_run_with_no_finished_episode(tmp_path):
