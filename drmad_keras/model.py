@@ -54,8 +54,8 @@ class Run:
     online: bool = False
 
     def batch_order(self):
-        """The `(T, batch_size)` index array of the run, regenerated."""
-        return reverse.batch_order(
+        """The run's batch order (a `reverse.BatchOrder`), regenerated."""
+        return reverse.BatchOrder(
             len(self.x), self.batch_size, self.steps, self.seed
         )
 
@@ -603,7 +603,7 @@ class DrMADModel(keras.Model):
             for reg, (_, k) in zip(regs, self._layer_positions()):
                 scale = np.exp(values[f"log_init_scale_{reg.layer.name}"])
                 theta_0[k] = theta_0[k] * tf.cast(scale, theta_0[k].dtype)
-        index = reverse.batch_order(len(x), batch_size, steps, seed)
+        index = reverse.BatchOrder(len(x), batch_size, steps, seed)
         alpha, gamma = self._schedules()
         if len(np.shape(alpha)) == 2 and steps < len(alpha):
             raise ValueError(
@@ -734,12 +734,12 @@ class DrMADModel(keras.Model):
             [tf.convert_to_tensor(reg.log_l2.value) for reg in regs],
             x,
             y,
-            reverse.batch_order(len(x), batch_size, steps, seed),
+            reverse.BatchOrder(len(x), batch_size, steps, seed),
             alpha,
             gamma,
             x_hyper,
             y_hyper,
-            reverse.batch_order(len(x_hyper), batch_size, meta_steps, seed + 1),
+            reverse.BatchOrder(len(x_hyper), batch_size, meta_steps, seed + 1),
             interval,
             step,
             jit_compile=self._xla,

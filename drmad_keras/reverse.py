@@ -108,6 +108,7 @@ def batch_order(num_examples, batch_size, steps, seed):
 
     Each pass over the data is a fresh permutation drawn from `seed`; a
     partial last batch is dropped, so every step sees `batch_size` examples.
+    `BatchOrder` gives the same rows a stretch at a time.
 
     Args:
         num_examples: int. Size of ESet.
@@ -118,18 +119,82 @@ def batch_order(num_examples, batch_size, steps, seed):
     Returns:
         An int32 array of shape `(steps, batch_size)`.
     """
-    per_epoch = num_examples // batch_size
-    epochs = -(-steps // per_epoch)
-    rng = np.random.default_rng(seed)
-    order = np.concatenate(
-        [
-            rng.permutation(num_examples)[: per_epoch * batch_size]
-            for _ in range(epochs)
-        ]
-    )
-    return (
-        order[: steps * batch_size].reshape(steps, batch_size).astype(np.int32)
-    )
+    return BatchOrder(num_examples, batch_size, steps, seed).rows(0, steps)
+
+
+class BatchOrder:
+    """`batch_order(...)`, generated a stretch at a time.
+
+    Indexing (`order[start:stop]`, `order[steps]` with an int array,
+    `order[t]`) returns the same rows as the whole array would, but only
+    the permutations of the passes over the data that those rows fall in
+    are drawn: memory does not grow with `T`. The random generator's state
+    at the start of each pass is kept (a few hundred bytes per pass), so
+    that any stretch is regenerated without drawing the passes before it.
+
+    Args:
+        num_examples: int. Size of ESet.
+        batch_size: int. Examples per step, at most `num_examples`.
+        steps: int. Number of elementary steps `T`.
+        seed: int. Seed of the permutations.
+    """
+
+    def __init__(self, num_examples, batch_size, steps, seed):
+        self.num_examples = num_examples
+        self.batch_size = batch_size
+        self.steps = steps
+        self.per_epoch = num_examples // batch_size
+        self._rng = np.random.default_rng(seed)
+        self._states = [self._rng.bit_generator.state]
+
+    def __len__(self):
+        return self.steps
+
+    def _epochs(self, first, last):
+        """The permutations of passes `first..last`, cut to whole
+        batches."""
+        while len(self._states) <= first:
+            self._rng.bit_generator.state = self._states[-1]
+            self._rng.permutation(self.num_examples)
+            self._states.append(self._rng.bit_generator.state)
+        self._rng.bit_generator.state = self._states[first]
+        keep = self.per_epoch * self.batch_size
+        return np.concatenate(
+            [
+                self._rng.permutation(self.num_examples)[:keep]
+                for _ in range(first, last + 1)
+            ]
+        )
+
+    def rows(self, start, stop):
+        """Rows `start..stop-1`: an int32 array `(stop - start, batch)`."""
+        if not 0 <= start < stop <= self.steps:
+            raise IndexError(
+                f"steps {start}..{stop - 1} are outside 0..{self.steps - 1}."
+            )
+        first = start // self.per_epoch
+        last = (stop - 1) // self.per_epoch
+        order = self._epochs(first, last).reshape(-1, self.batch_size)
+        offset = start - first * self.per_epoch
+        return order[offset : offset + stop - start].astype(np.int32)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            start, stop, stride = key.indices(self.steps)
+            if stride != 1:
+                raise IndexError("BatchOrder takes slices with step 1.")
+            if start >= stop:
+                return np.zeros((0, self.batch_size), np.int32)
+            return self.rows(start, stop)
+        steps = np.asarray(key)
+        if steps.ndim == 0:
+            return self.rows(int(steps), int(steps) + 1)[0]
+        low = int(steps.min())
+        return self.rows(low, int(steps.max()) + 1)[steps - low]
+
+    def __array__(self, dtype=None, copy=None):
+        whole = self.rows(0, self.steps)
+        return whole if dtype is None else whole.astype(dtype)
 
 
 def schedule_table(value, num_variables, name):
@@ -496,7 +561,7 @@ def meta_forward(
         log_l2: list of tensors. Hyperparameters, fixed during the run.
         x: tensor. ESet inputs.
         y: tensor. ESet labels.
-        index: int array `(T, batch)`, from `batch_order`.
+        index: int array `(T, batch)` or `BatchOrder`: the batch order.
         alpha: float or array `(blocks, num_variables)`. Step size, per
             variable and schedule block (see `schedule_table`).
         gamma: float or array `(blocks, num_variables)`. Momentum.
@@ -616,7 +681,8 @@ def meta_backward(
         log_l2: list of tensors. Hyperparameters the run used.
         x: tensor. ESet inputs.
         y: tensor. ESet labels.
-        index: int array `(T, batch)`: the run's batch order.
+        index: int array `(T, batch)` or `BatchOrder`: the run's batch
+            order.
         alpha: float or array `(blocks, num_variables)`. Step size of the
             run.
         gamma: float or array `(blocks, num_variables)`. Momentum of the
@@ -814,13 +880,13 @@ def t1t2_run(
         log_l2: list of tensors. Starting hyperparameters.
         x: tensor. ESet inputs.
         y: tensor. ESet labels.
-        index: int array `(T, batch)`. ESet batch order.
+        index: int array `(T, batch)` or `BatchOrder`. ESet batch order.
         alpha: float. Step size.
         gamma: float. Momentum.
         x_h: tensor. HSet inputs.
         y_h: tensor. HSet labels.
-        hyper_index: int array `(meta_steps, batch)`. HSet batch order, one
-            row per meta step (`ceil(T / interval)` rows).
+        hyper_index: int array `(meta_steps, batch)` or `BatchOrder`. HSet
+            batch order, one row per meta step (`ceil(T / interval)` rows).
         interval: int. Elementary steps between meta steps.
         meta_step: callable. `(log_l2, grads) -> new log_l2`, lists of
             NumPy arrays.

@@ -294,6 +294,26 @@ def test_train_step_and_fit_follow_the_recurrences(small_mnist, float64):
     )
 
 
+def test_batch_order_stretches_match_the_whole_order():
+    # The whole order, built directly: a fresh permutation per pass over
+    # 103 examples, cut to whole batches of 10.
+    rng = np.random.default_rng(7)
+    whole = np.concatenate(
+        [rng.permutation(103)[:100] for _ in range(5)]
+    ).reshape(-1, 10)[:47]
+    order = reverse.BatchOrder(103, 10, 47, seed=7)
+    np.testing.assert_array_equal(np.asarray(order), whole)
+    np.testing.assert_array_equal(reverse.batch_order(103, 10, 47, 7), whole)
+    # Stretches in any order, as the reverse pass asks for them.
+    for start, stop in [(40, 47), (9, 31), (0, 1), (10, 20), (46, 47)]:
+        np.testing.assert_array_equal(order[start:stop], whole[start:stop])
+    steps = np.arange(33, 12, -1)
+    np.testing.assert_array_equal(order[steps], whole[steps])
+    np.testing.assert_array_equal(order[5], whole[5])
+    with pytest.raises(IndexError):
+        order.rows(40, 48)
+
+
 def test_fit_is_reproducible_from_seed_and_weights(small_mnist):
     model = mlp(98, [8])
     start = [tf.identity(v) for v in model.trainable_variables]
