@@ -88,33 +88,31 @@ class MetaOptimizer:
             space.
         log_l2_range: (float, float), default (-12, 2). Clip range of
             `log_l2`.
+        ranges: dict or None. Clip ranges of other kinds, by kind
+            (`{"log_lr": (-6, 0)}`); the rest keep `options.RANGES`.
     """
 
     def __init__(
-        self, name="adam", learning_rate=0.1, log_l2_range=(-12.0, 2.0)
+        self,
+        name="adam",
+        learning_rate=0.1,
+        log_l2_range=(-12.0, 2.0),
+        ranges=None,
     ):
         self.name = checks.one_of("meta_optimizer", name, META_OPTIMIZERS)
         self.learning_rate = checks.positive_float(
             "meta_learning_rate", learning_rate
         )
-        if (
-            not isinstance(log_l2_range, (tuple, list))
-            or len(log_l2_range) != 2
-        ):
-            raise ValueError(
-                f"log_l2_range must be a pair (low, high); got "
-                f"{log_l2_range!r}."
-            )
-        low, high = (
-            checks.finite_float("log_l2_range", v) for v in log_l2_range
-        )
-        if not low < high:
-            raise ValueError(
-                f"log_l2_range must be (low, high) with low < high; got "
-                f"{tuple(log_l2_range)}."
-            )
-        self.log_l2_range = (low, high)
+        self.log_l2_range = _range("log_l2_range", log_l2_range)
         self.ranges = dict(options.RANGES, log_l2=self.log_l2_range)
+        if ranges is not None and not isinstance(ranges, dict):
+            raise ValueError(
+                f"ranges must be a dict from kind to (low, high); got "
+                f"{ranges!r}."
+            )
+        for kind, pair in (ranges or {}).items():
+            checks.one_of("ranges kind", kind, options.KINDS[1:])
+            self.ranges[kind] = _range(f"ranges[{kind!r}]", pair)
 
     def step(self, values, grads, state, scale=1.0):
         """Returns `(new_values, new_state)`; inputs are not modified.
@@ -146,6 +144,18 @@ class MetaOptimizer:
                 *self.ranges[options.kind_of(name) or "log_l2"],
             )
         return new_values, new_state
+
+
+def _range(name, pair):
+    """A checked clip range `(low, high)`."""
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise ValueError(f"{name} must be a pair (low, high); got {pair!r}.")
+    low, high = (checks.finite_float(name, v) for v in pair)
+    if not low < high:
+        raise ValueError(
+            f"{name} must be (low, high) with low < high; got {tuple(pair)}."
+        )
+    return low, high
 
 
 class DrMADOracle(keras_tuner.Oracle):
@@ -378,7 +388,11 @@ class DrMADTuner(keras_tuner.Tuner):
         reverse_steps: int or None. See `DrMADModel.hypergradient`.
         meta_optimizer: str, default `"adam"`. `"adam"` or `"sign_sgd"`.
         meta_learning_rate: float, default 0.2.
-        log_l2_range: (float, float), default (-12, 2). Clip range.
+        log_l2_range: (float, float), default (-12, 2). Clip range of
+            `log_l2`.
+        ranges: dict or None. Clip ranges of the other kinds, by kind, for
+            example `{"log_lr": (-6.0, -1.0)}`; defaults in
+            `drmad_keras.options.RANGES`.
         redraw_init: bool, default False. Draw new initial weights each
             episode.
         reshuffle: bool, default False. Draw a new ESet batch order each
@@ -407,6 +421,7 @@ class DrMADTuner(keras_tuner.Tuner):
         meta_optimizer="adam",
         meta_learning_rate=0.2,
         log_l2_range=(-12.0, 2.0),
+        ranges=None,
         redraw_init=False,
         reshuffle=False,
         seed=0,
@@ -433,7 +448,7 @@ class DrMADTuner(keras_tuner.Tuner):
             reverse_steps = checks.positive_int("reverse_steps", reverse_steps)
         self.reverse_steps = reverse_steps
         self.meta_optimizer = MetaOptimizer(
-            meta_optimizer, meta_learning_rate, log_l2_range
+            meta_optimizer, meta_learning_rate, log_l2_range, ranges
         )
         self.reshuffle = bool(reshuffle)
         self.seed = int(seed)

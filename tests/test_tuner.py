@@ -311,3 +311,21 @@ def test_t1t2_tuner_chains_runs(small_mnist, tmp_path):
             method="t1t2",
             model_kwargs={"tune": ("log_l2", "log_lr")},
         )
+
+
+def test_each_kind_is_clipped_to_its_range():
+    meta = tuner_lib.MetaOptimizer(
+        "sign_sgd", 10.0, log_l2_range=(-5.0, -1.0), ranges={"log_lr": (-3, 0)}
+    )
+    values = {"log_l2_a": -3.0, "log_lr_a": -2.0, "logit_momentum_a": 0.0}
+    down = {name: 1.0 for name in values}
+    new, _ = meta.step(values, down, {})
+    assert new == {
+        "log_l2_a": -5.0,
+        "log_lr_a": -3.0,
+        "logit_momentum_a": drmad_keras.options.RANGES["logit_momentum"][0],
+    }
+    with pytest.raises(ValueError, match="ranges kind"):
+        tuner_lib.MetaOptimizer(ranges={"log_l2": (-5.0, 0.0)})
+    with pytest.raises(ValueError, match="low < high"):
+        tuner_lib.MetaOptimizer(ranges={"log_lr": (0.0, -5.0)})
