@@ -62,14 +62,19 @@ def build_model(config, inputs=784, classes=10, model_class=None, metrics=None):
         )(h)
     logits = regularized(keras.layers.Dense(classes, name="logits"))(h)
     model = (model_class or DrMADModel)(x_in, logits, name="mlp")
+    tuning = {}
+    if isinstance(model, DrMADModel):
+        tuning = {
+            "tune": config.tune,
+            "schedule_blocks": config.schedule_blocks,
+        }
     model.compile(
         optimizer=MomentumSGD(
             alpha=config.learning_rate, gamma=config.momentum
         ),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=metrics,
-        tune=config.tune,
-        schedule_blocks=config.schedule_blocks,
+        **tuning,
     )
     return model
 
