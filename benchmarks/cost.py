@@ -15,6 +15,7 @@
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -164,24 +165,35 @@ def memory_probe(method, steps):
     }
 
 
-def memory(steps_list):
-    """Runs `memory_probe` in a fresh process per method and T."""
+def memory(steps_list, repeats):
+    """Runs `memory_probe` `repeats` times, each in a fresh process, per
+    method and T; keeps the median peak and every probe's.
+
+    Identical probes of the same run differ by a few MiB (the allocator's
+    arenas), which is why one probe per setting is not enough.
+    """
     out = {}
     for method in ("drmad", "exact"):
         for steps in steps_list:
-            done = subprocess.run(
-                [
-                    sys.executable,
-                    os.path.abspath(__file__),
-                    f"--probe={method},{steps}",
-                ],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            out[f"{method}/{steps}"] = json.loads(
-                done.stdout.strip().splitlines()[-1]
-            )
+            probes = []
+            for _ in range(repeats):
+                done = subprocess.run(
+                    [
+                        sys.executable,
+                        os.path.abspath(__file__),
+                        f"--probe={method},{steps}",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                probes.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            peaks = [p["peak_extra_bytes"] for p in probes]
+            out[f"{method}/{steps}"] = {
+                "peak_extra_bytes": statistics.median(peaks),
+                "peak_extra_bytes_all": peaks,
+                "held_bytes": probes[0]["held_bytes"],
+            }
     return out
 
 
@@ -202,7 +214,7 @@ def main(argv):
 
     rates = steps_per_second(config, *split.eset, steps, repeats)
     episodes = episode_seconds(config, split, steps, repeats)
-    mem = memory(steps_list)
+    mem = memory(steps_list, 1 if FLAGS.quick else 5)
     results = {
         "steps": steps,
         "rates": rates,
@@ -227,14 +239,22 @@ def main(argv):
             [[k, f"{v:.2f}", f"{v / base:.2f}"] for k, v in episodes.items()],
         )
     )
-    print("\nPeak extra memory of a run and its meta-backward:\n")
+    print(
+        "\nPeak extra memory of a run and its meta-backward (median of the "
+        "probes; drmad's range in brackets):\n"
+    )
     rows = []
     for steps_m in steps_list:
         d, e = mem[f"drmad/{steps_m}"], mem[f"exact/{steps_m}"]
+        low, high = (
+            min(d["peak_extra_bytes_all"]),
+            max(d["peak_extra_bytes_all"]),
+        )
         rows.append(
             [
                 steps_m,
-                f"{d['peak_extra_bytes'] / 2**20:.1f}",
+                f"{d['peak_extra_bytes'] / 2**20:.1f} "
+                f"[{low / 2**20:.1f}, {high / 2**20:.1f}]",
                 f"{e['peak_extra_bytes'] / 2**20:.1f}",
                 f"{d['held_bytes'] / 2**20:.2f}",
                 f"{e['held_bytes'] / 2**20:.1f}",

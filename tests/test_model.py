@@ -183,7 +183,7 @@ def test_bad_tuning_settings_are_refused(small_mnist):
             reverse_steps=2,
             verbose=0,
         )
-    with pytest.warns(UserWarning, match="mean velocity"):
+    with pytest.warns(UserWarning, match="median cosines"):
         result = model.hypergradient(
             small_mnist["x_h"], small_mnist["y_h"], verbose=0
         )
