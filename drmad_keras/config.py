@@ -93,11 +93,31 @@ class Config:
                 f"steps ({self.steps})."
             )
         checks.positive_int("t1t2_interval", self.t1t2_interval)
-        if self.method == "t1t2" and tuple(self.tune) != ("log_l2",):
+        if self.schedule_blocks > 1 and not set(self.tune) & set(
+            options.OPTIMIZER_KINDS
+        ):
             raise ValueError(
-                "method t1t2 tunes log_l2 only; got tune="
-                f"{','.join(self.tune)}."
+                "schedule_blocks gives log_lr and logit_momentum one value "
+                f"per block; tune={','.join(self.tune)} has neither."
             )
+        if self.method == "t1t2":
+            if tuple(self.tune) != ("log_l2",):
+                raise ValueError(
+                    "method t1t2 tunes log_l2 only; got tune="
+                    f"{','.join(self.tune)}."
+                )
+            for name in ("curvature", "reverse_steps"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{name} belongs to the reverse pass of drmad and "
+                        "exact; method t1t2 has none."
+                    )
+            if self.batch_size > self.hset:
+                raise ValueError(
+                    f"batch_size {self.batch_size} is larger than HSet "
+                    f"({self.hset} examples); t1t2 draws HSet batches of "
+                    "batch_size."
+                )
         if "logit_momentum" in self.tune and self.momentum == 0.0:
             raise ValueError(
                 "tuning logit_momentum needs a momentum above 0 to start from."

@@ -115,6 +115,14 @@ _DRMAD_MEDIAN_COSINE = {
 }
 
 
+# What a value outside `options.LIMITS` breaks, by kind.
+_SATURATES = {
+    "log_lr": "step size exp(log_lr) (to 0 or overflow)",
+    "logit_momentum": "momentum (to 0 or 1)",
+    "log_init_scale": "initial scale (to 0 or overflow)",
+}
+
+
 def _mean_loss(loss):
     """The mean of `loss` over a batch, as a plain function.
 
@@ -237,7 +245,8 @@ class DrMADModel(keras.Model):
                 optimizer's `alpha` and `gamma`.
             schedule_blocks: int, default 1. `log_lr` and `logit_momentum`
                 hold one value per block of this many equal stretches of
-                the run: a step-size and momentum schedule.
+                the run: a step-size and momentum schedule. Compiling
+                again resets these kinds to their starting values.
             **kwargs: Passed to `keras.Model.compile`.
 
         Raises:
@@ -251,6 +260,11 @@ class DrMADModel(keras.Model):
             )
         if isinstance(tune, str):
             tune = (tune,)
+        if not isinstance(tune, (tuple, list)):
+            raise ValueError(
+                f"tune must be a sequence of kinds among {options.KINDS}; got "
+                f"{tune!r}."
+            )
         tune = tuple(tune)
         for kind in tune:
             checks.one_of("tune", kind, options.KINDS)
@@ -262,6 +276,11 @@ class DrMADModel(keras.Model):
         schedule_blocks = checks.positive_int(
             "schedule_blocks", schedule_blocks
         )
+        if schedule_blocks > 1 and not set(tune) & set(options.OPTIMIZER_KINDS):
+            raise ValueError(
+                "schedule_blocks gives log_lr and logit_momentum one value "
+                f"per block; tune {tune} has neither."
+            )
         if "logit_momentum" in tune and optimizer.gamma == 0.0:
             raise ValueError(
                 "tuning logit_momentum needs a momentum gamma above 0 to "
@@ -365,36 +384,21 @@ class DrMADModel(keras.Model):
     def set_hyperparameters(self, values):
         """Sets tuned hyperparameters from a dict of name to value.
 
+        Every entry is checked before any is set: a bad one changes
+        nothing.
+
         Raises:
             KeyError: For a name the model does not tune.
-            ValueError: For a value of the wrong shape or not finite.
+            ValueError: For a value of the wrong shape, not finite, or (for
+                the step size, momentum and initial scale) outside
+                `options.LIMITS`, where its transform saturates.
         """
-        names = set(self.hyperparameter_names)
-        log_l2 = {}
-        for name, value in values.items():
-            kind = options.kind_of(name)
-            if name not in names:
-                raise KeyError(
-                    f"no hyperparameter {name!r}; the model tunes "
-                    f"{sorted(names)}."
-                )
-            if kind == "log_l2":
-                log_l2[name] = value
-                continue
-            shape = self._default_value(kind).shape
-            try:
-                value = np.broadcast_to(
-                    np.asarray(value, dtype=np.float64), shape
-                ).copy()
-            except (TypeError, ValueError):
-                raise ValueError(
-                    f"{name} takes a number or an array of shape {shape}; "
-                    f"got {value!r}."
-                ) from None
-            if not np.all(np.isfinite(value)):
-                raise ValueError(f"{name} must be finite; got {value}.")
-            self._hyper_values[name] = value
-        self.set_log_l2(log_l2)
+        checked = self._checked(values, self.hyperparameter_names)
+        for name, value in checked.items():
+            if options.kind_of(name) == "log_l2":
+                self._log_l2_variable(name).assign(value)
+            else:
+                self._hyper_values[name] = value
 
     def set_log_l2(self, values):
         """Sets `log_l2` from a dict of hyperparameter name to value.
@@ -403,25 +407,58 @@ class DrMADModel(keras.Model):
             KeyError: For a name the model does not have.
             ValueError: For a value of the wrong shape or not finite.
         """
-        regs = {reg.hp_name: reg for reg in self.hyper_regularizers}
+        names = [reg.hp_name for reg in self.hyper_regularizers]
+        for name, value in self._checked(values, names).items():
+            self._log_l2_variable(name).assign(value)
+
+    def _log_l2_variable(self, name):
+        for reg in self.hyper_regularizers:
+            if reg.hp_name == name:
+                return reg.log_l2
+        raise KeyError(name)
+
+    def _checked(self, values, names):
+        """`values` converted to arrays of the right shape and dtype, every
+        one checked; raises naming the first bad entry."""
+        if not isinstance(values, dict):
+            raise TypeError(
+                "hyperparameters are set from a dict of name to value; got "
+                f"{type(values).__name__}."
+            )
+        checked = {}
         for name, value in values.items():
-            if name not in regs:
+            if name not in names:
                 raise KeyError(
-                    f"no hyperparameter {name!r}; the model has {sorted(regs)}."
+                    f"no hyperparameter {name!r}; the model tunes "
+                    f"{sorted(names)}."
                 )
-            var = regs[name].log_l2
+            kind = options.kind_of(name)
+            if kind == "log_l2":
+                var = self._log_l2_variable(name)
+                shape, dtype = tuple(var.shape), var.dtype
+            else:
+                shape, dtype = self._default_value(kind).shape, "float64"
+            if isinstance(value, (str, bytes, bool)):
+                value = None  # refused below, like any non-number
             try:
                 value = np.broadcast_to(
-                    np.asarray(value, dtype=var.dtype), var.shape
-                )
+                    np.asarray(value, dtype=np.float64), shape
+                ).astype(dtype)
             except (TypeError, ValueError):
                 raise ValueError(
-                    f"{name} takes a number or an array of shape "
-                    f"{tuple(var.shape)}; got {value!r}."
+                    f"{name} takes a number or an array of shape {shape}; "
+                    f"got {value!r}."
                 ) from None
             if not np.all(np.isfinite(value)):
                 raise ValueError(f"{name} must be finite; got {value}.")
-            var.assign(value)
+            low, high = options.LIMITS.get(kind, (-np.inf, np.inf))
+            if np.any(value < low) or np.any(value > high):
+                raise ValueError(
+                    f"{name} must lie in [{low:g}, {high:g}]: beyond, the "
+                    f"{_SATURATES[kind]} saturates in float32; got {value}."
+                )
+            checked[name] = value
+        return checked
 
     def _layer_positions(self):
         """For each `HyperRegularizer`: the positions of its layer's
@@ -732,8 +769,18 @@ class DrMADModel(keras.Model):
 
         def step(values, grads):
             new = meta_step(dict(zip(names, values)), dict(zip(names, grads)))
+            if not isinstance(new, dict) or set(new) != set(names):
+                raise ValueError(
+                    "meta_step must return a dict with exactly the names "
+                    f"{names}; got "
+                    f"{sorted(new) if isinstance(new, dict) else new!r}."
+                )
+            try:
+                new = self._checked(new, names)
+            except ValueError as error:
+                raise ValueError(f"meta_step returned a bad value: {error}")
             for name in names:
-                history[name].append(np.asarray(new[name]))
+                history[name].append(new[name])
             return [new[name] for name in names]
 
         alpha, gamma = self.optimizer.alpha, self.optimizer.gamma
@@ -939,10 +986,9 @@ class DrMADModel(keras.Model):
                 f"{k} {_DRMAD_MEDIAN_COSINE[k]}" for k in unreliable
             )
             warnings.warn(
-                f"under method='drmad' the hypergradients of {figures} had "
-                "these median cosines with 'exact' on the benchmark's "
-                "settings (log_l2: 0.99; benchmarks/RESULTS.md): the "
-                "straight line has no velocity of its own to offer. Prefer "
+                "method='drmad' estimates these hypergradients poorly: "
+                f"median cosine with 'exact' over the benchmark settings: "
+                f"{figures} (log_l2 0.99; benchmarks/RESULTS.md). Prefer "
                 "method='exact' for these kinds where memory allows.",
                 stacklevel=2,
             )

@@ -29,6 +29,14 @@ RANGES = {
     "log_init_scale": (-4.0, 2.0),
 }
 
+# Values beyond which a kind's transform saturates in float32 (a step size
+# of 0, a momentum of 1, an initial scale that overflows): refused.
+LIMITS = {
+    "log_lr": (-30.0, 10.0),
+    "logit_momentum": (-15.0, 15.0),
+    "log_init_scale": (-20.0, 10.0),
+}
+
 # Methods of DrMADTuner: the two reverse passes, and online tuning inside
 # one training run.
 TUNER_METHODS = METHODS + ("t1t2",)

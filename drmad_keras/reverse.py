@@ -614,8 +614,9 @@ def meta_forward(
             bad = start + int(np.argmin(np.isfinite(chunk_losses)))
             raise DivergenceError(
                 f"training loss became non-finite at elementary step {bad} "
-                f"of {len(index)}; lower the learning rate (alpha) or the "
-                "L2 strength.",
+                f"of {len(index)}; lower the step size (alpha, or the "
+                "tuned log_lr), the L2 strength or the tuned initial "
+                "scale.",
                 phase="meta-forward",
                 step=bad,
             )

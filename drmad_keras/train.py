@@ -345,13 +345,16 @@ def summary_text(results):
             f"{row['val_error']:9.4f}  {row['test_error']:10.4f}   ({name})"
         )
     best = results["best"]
+    online = results["config"]["method"] == "t1t2"
     for kind in options.KINDS:
         if best.get(kind):
             values = "  ".join(
-                f"{name[len(kind) + 1 :]} {value:+.3f}"
+                f"{name[len(kind) + 1 :]} "
+                f"{best['next'][name] if online else value:+.3f}"
                 for name, value in best[kind].items()
             )
-            lines.append(f"best {kind}: {values}")
+            where = " (where its run ended)" if online else ""
+            lines.append(f"best {kind}{where}: {values}")
     return "\n".join(lines)
 
 

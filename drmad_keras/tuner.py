@@ -24,6 +24,7 @@ import json
 import os
 import random
 import time
+import warnings
 
 import keras
 import keras_tuner
@@ -351,6 +352,12 @@ class _ChainHyperModel(keras_tuner.HyperModel):
             hp.Int(CHAIN, 0, self.chains - 1)
         for name, value in model.get_hyperparameters().items():
             low, high = self.ranges[options.kind_of(name)]
+            if np.any(value < low) or np.any(value > high):
+                warnings.warn(
+                    f"{name} starts at {np.mean(value):g}, outside its range "
+                    f"[{low:g}, {high:g}]; the first episode clips it.",
+                    stacklevel=2,
+                )
             hp.Float(
                 name,
                 min_value=low,
@@ -504,13 +511,26 @@ class DrMADTuner(keras_tuner.Tuner):
         batch_size = checks.positive_int(
             "batch_size", args.get("batch_size", 50)
         )
-        if args.get("steps") is not None:
-            checks.positive_int("steps", args["steps"])
-        checks.positive_int("epochs", args.get("epochs", 1))
+        epochs = checks.positive_int("epochs", args.get("epochs", 1))
         if batch_size > len(args["x"]):
             raise ValueError(
                 f"batch_size {batch_size} is larger than the "
                 f"{len(args['x'])} ESet examples."
+            )
+        if args.get("steps") is not None:
+            steps = checks.positive_int("steps", args["steps"])
+        else:
+            steps = epochs * (len(args["x"]) // batch_size)
+        if self.reverse_steps is not None and self.reverse_steps > steps:
+            raise ValueError(
+                f"reverse_steps ({self.reverse_steps}) cannot exceed the "
+                f"{steps} elementary steps of an episode."
+            )
+        if self.method == "t1t2" and batch_size > len(args["hyper_data"][0]):
+            raise ValueError(
+                f"batch_size {batch_size} is larger than the "
+                f"{len(args['hyper_data'][0])} HSet examples (t1t2 draws "
+                "HSet batches of batch_size)."
             )
 
         # Every split through a model of the search space.
@@ -520,6 +540,18 @@ class DrMADTuner(keras_tuner.Tuner):
                 "method='t1t2' tunes log_l2 only; the model is compiled to "
                 f"tune {model.tuned_kinds}. Use method='drmad' or 'exact' "
                 "for the other kinds."
+            )
+        if model.schedule_blocks > steps:
+            raise ValueError(
+                f"the model's schedule of {model.schedule_blocks} blocks "
+                f"needs at least as many elementary steps; got {steps}."
+            )
+        if "log_init_scale" in model.tuned_kinds and (
+            self.reverse_steps is not None and self.reverse_steps < steps
+        ):
+            raise ValueError(
+                "the log_init_scale hypergradient needs the whole reverse "
+                f"pass; got reverse_steps={self.reverse_steps} of {steps}."
             )
         for name, (x, y) in (
             ("ESet (x, y)", (args["x"], args["y"])),
@@ -787,6 +819,22 @@ class DrMADTuner(keras_tuner.Tuner):
             self.oracle.save()
         _save_state_atomically(self, self._get_tuner_fname())
 
+    def load_model(self, trial):
+        """The trial's model, its weights and every tuned hyperparameter
+        as it trained with them (`log_l2` is a weight; the other kinds come
+        from the trial's `episode.npz`)."""
+        model = super().load_model(trial)
+        path = os.path.join(self.get_trial_dir(trial.trial_id), EPISODE_FILE)
+        if os.path.exists(path):
+            start = {
+                k[len("start/") :]: v
+                for k, v in load_episode(path).items()
+                if k.startswith("start/")
+                and options.kind_of(k[len("start/") :]) not in (None, "log_l2")
+            }
+            model.set_hyperparameters(start)
+        return model
+
     def save_model(self, trial_id, model, step=0):
         """Saves the weights (with `log_l2`) and the build config."""
         final = self._get_checkpoint_fname(trial_id)
@@ -804,8 +852,10 @@ class DrMADTuner(keras_tuner.Tuner):
 
         Returns:
             list of dict with `episode`, `trial_id`, `status`, one dict per
-            tuned kind (`log_l2`, and `log_lr`, ... when tuned: name to
-            start value; per unit or per block: the mean), the metrics, and
+            tuned kind (`log_l2`, and `log_lr`, ... when tuned: name to the
+            value the episode started from; per unit or per block: the
+            mean), `next` (name to the value it handed on: after its meta
+            step, or for `t1t2` where its run ended), the metrics, and
             `message` for failed trials.
         """
         rows = []
@@ -823,8 +873,11 @@ class DrMADTuner(keras_tuner.Tuner):
                 if kind is not None:
                     row.setdefault(kind, {})[k] = v
             for name in trial.metrics.metrics:
-                if not name.startswith(NEXT_PREFIX):
-                    row[name] = trial.metrics.get_last_value(name)
+                value = trial.metrics.get_last_value(name)
+                if name.startswith(NEXT_PREFIX):
+                    row.setdefault("next", {})[name[len(NEXT_PREFIX) :]] = value
+                else:
+                    row[name] = value
             if trial.message:
                 row["message"] = trial.message
             rows.append(row)

@@ -241,6 +241,10 @@ def test_compile_needs_momentum_sgd():
         ({"method": "t1t2", "tune": ("log_l2", "log_lr")}, "log_l2 only"),
         ({"momentum": 0.0, "tune": ("logit_momentum",)}, "momentum"),
         ({"tune": ("log_init_scale",), "reverse_steps": 10}, "whole reverse"),
+        ({"schedule_blocks": 2}, "has neither"),
+        ({"method": "t1t2", "reverse_steps": 10}, "t1t2 has none"),
+        ({"method": "t1t2", "curvature": "hessian"}, "t1t2 has none"),
+        ({"method": "t1t2", "hset": 40, "batch_size": 50}, "HSet"),
     ],
 )
 def test_bad_config(kwargs, match):

@@ -164,6 +164,10 @@ def test_bad_tuning_settings_are_refused(small_mnist):
         mlp(98, [6], tune=("log_l3",))
     with pytest.raises(ValueError, match="gamma above 0"):
         mlp(98, [6], gamma=0.0, tune=("logit_momentum",))
+    with pytest.raises(ValueError, match="has neither"):
+        mlp(98, [6], schedule_blocks=2)
+    with pytest.raises(ValueError, match="sequence of kinds"):
+        mlp(98, [6], tune=None)
     model = mlp(98, [6], tune=("log_lr", "log_init_scale"))
     with pytest.raises(ValueError, match="shape"):
         model.set_hyperparameters({"log_lr_h0": [1.0, 2.0]})
@@ -183,11 +187,69 @@ def test_bad_tuning_settings_are_refused(small_mnist):
             reverse_steps=2,
             verbose=0,
         )
-    with pytest.warns(UserWarning, match="median cosines"):
+    with pytest.warns(
+        UserWarning, match="estimates these hypergradients poorly"
+    ):
         result = model.hypergradient(
             small_mnist["x_h"], small_mnist["y_h"], verbose=0
         )
     assert np.all(np.isfinite(result.grads["log_lr_out"]))
+
+
+def test_bad_hyperparameter_values_change_nothing(small_mnist):
+    model = mlp(98, [6], tune=("log_l2", "log_lr", "logit_momentum"))
+    before = model.get_hyperparameters()
+    for values, error, match in [
+        ({"log_lr_h0": -1.0, "bogus": 3.0}, KeyError, "bogus"),
+        ({"log_lr_h0": -1.0, "log_l2_h0": np.nan}, ValueError, "finite"),
+        ({"log_l2_h0": 1.0, "log_l2_out": "x"}, ValueError, "log_l2_out"),
+        ({"log_l2_h0": 1.0, "logit_momentum_h0": 40.0}, ValueError, "1\\)"),
+        ({"log_lr_out": -120.0}, ValueError, "step size"),
+    ]:
+        with pytest.raises(error, match=match):
+            model.set_hyperparameters(values)
+        after = model.get_hyperparameters()
+        for name in before:
+            np.testing.assert_array_equal(after[name], before[name])
+
+
+def test_fit_t1t2_refuses_a_bad_meta_step_and_keeps_the_start(small_mnist):
+    model = mlp(98, [6], init_log_l2=-3.0)
+    theta_0 = [v.numpy() for v in model.trainable_variables]
+    calls = []
+
+    def meta_step(values, grads):
+        calls.append(1)
+        bad = len(calls) == 4  # the last meta step of 40 steps / 10
+        return {k: np.nan if bad else v - 0.1 for k, v in values.items()}
+
+    with pytest.raises(ValueError, match="meta_step returned a bad value"):
+        model.fit_t1t2(
+            small_mnist["x_e"],
+            small_mnist["y_e"],
+            small_mnist["x_h"],
+            small_mnist["y_h"],
+            meta_step,
+            batch_size=20,
+            steps=40,
+            interval=10,
+            verbose=0,
+        )
+    for var, value in zip(model.trainable_variables, theta_0):
+        np.testing.assert_array_equal(var.numpy(), value)
+    assert all(v == -3.0 for v in model.get_log_l2().values())
+    assert model.last_run is None
+    with pytest.raises(ValueError, match="exactly the names"):
+        model.fit_t1t2(
+            small_mnist["x_e"],
+            small_mnist["y_e"],
+            small_mnist["x_h"],
+            small_mnist["y_h"],
+            lambda values, grads: {"log_l2_h1": 0.0},
+            batch_size=20,
+            steps=10,
+            verbose=0,
+        )
 
 
 def _cosine(a, b):

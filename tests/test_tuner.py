@@ -245,6 +245,15 @@ def test_every_kind_is_tuned_and_reported(small_mnist, tmp_path, method):
 
     rows = tuner.episodes()
     assert set(rows[1]["log_lr"]) == {"log_lr_h0", "log_lr_out"}
+    assert rows[1]["next"]["log_lr_out"] == pytest.approx(
+        float(np.mean(arrays[1]["next/log_lr_out"])), rel=1e-6
+    )
+    # The best model comes back with every kind it trained with.
+    best_trial = tuner.oracle.get_best_trials(1)[0]
+    best = tuner.get_best_models(1)[0].get_hyperparameters()
+    saved = tuner.episode_arrays(best_trial.trial_id)
+    for name in names:
+        np.testing.assert_allclose(best[name], saved[f"start/{name}"])
     assert rows[1]["log_init_scale"]["log_init_scale_out"] == pytest.approx(
         float(arrays[0]["next/log_init_scale_out"]), rel=1e-6
     )
@@ -329,3 +338,22 @@ def test_each_kind_is_clipped_to_its_range():
         tuner_lib.MetaOptimizer(ranges={"log_l2": (-5.0, 0.0)})
     with pytest.raises(ValueError, match="low < high"):
         tuner_lib.MetaOptimizer(ranges={"log_lr": (0.0, -5.0)})
+
+
+def test_search_refuses_settings_an_episode_would_fail_on(
+    small_mnist, tmp_path
+):
+    for kwargs, model_kwargs, match in [
+        ({}, {"tune": ("log_lr",), "schedule_blocks": 30}, "30 blocks"),
+        ({"reverse_steps": 5}, {"tune": ("log_init_scale",)}, "whole"),
+        ({"reverse_steps": 50}, {}, "cannot exceed"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            _search(
+                small_mnist,
+                tmp_path / match.replace(" ", "_"),
+                1,
+                model_kwargs=model_kwargs,
+                **kwargs,
+            )
+        assert not list(tmp_path.glob("**/trial.json"))
