@@ -19,7 +19,7 @@ from absl import logging
 from drmad_keras import data
 from drmad_keras import options
 from drmad_keras import tuner as tuner_lib
-from drmad_keras.config import Config  # noqa: F401  (part of this API)
+from drmad_keras.config import Config
 
 PROJECT = "drmad"
 
@@ -174,8 +174,12 @@ def _check_settings(config):
         try:
             with open(saved, encoding="utf-8") as f:
                 previous = json.load(f)
+            # A setting the saved run predates counts as its default.
+            defaults = Config().chain_settings()
             changed = sorted(
-                k for k in current if previous.get(k) != current[k]
+                k
+                for k in current
+                if previous.get(k, defaults.get(k)) != current[k]
             )
         except (OSError, ValueError, AttributeError) as error:
             raise ValueError(

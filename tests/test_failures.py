@@ -288,6 +288,18 @@ def test_output_dir_of_another_configuration(tmp_path):
     other = dict(TINY_CONFIG, hidden=(5,))
     with pytest.raises(ValueError, match="hidden"):
         train.run(train.Config(output_dir=str(tmp_path), **other))
+    other = dict(TINY_CONFIG, tune=("log_l2", "log_lr"))
+    with pytest.raises(ValueError, match="tune"):
+        train.run(train.Config(output_dir=str(tmp_path), **other))
+
+    # A run saved before a setting existed counts it at its default.
+    saved = tmp_path / "config.json"
+    settings = json.loads(saved.read_text())
+    del settings["tune"], settings["t1t2_interval"]
+    saved.write_text(json.dumps(settings))
+    more = dict(TINY_CONFIG, episodes=2)
+    results = train.run(train.Config(output_dir=str(tmp_path), **more))
+    assert len(results["episodes"]) == 2
 
 
 def test_second_process_on_the_same_output_dir(tmp_path):
