@@ -41,6 +41,8 @@ class Config:
     tune: tuple = ("log_l2",)
     schedule_blocks: int = 1
     t1t2_interval: int = 10
+    # Clip ranges of kinds other than log_l2: ((kind, low, high), ...).
+    ranges: tuple = ()
     seed: int = 0
     output_dir: str = "runs/mnist"
     gpu: bool = False
@@ -93,6 +95,23 @@ class Config:
                 f"steps ({self.steps})."
             )
         checks.positive_int("t1t2_interval", self.t1t2_interval)
+        for entry in self.ranges:
+            if not isinstance(entry, (tuple, list)) or len(entry) != 3:
+                raise ValueError(
+                    f"ranges takes (kind, low, high) entries; got {entry!r}."
+                )
+            kind, low, high = entry
+            checks.one_of("ranges kind", kind, options.KINDS[1:])
+            low = checks.finite_float(f"{kind} range", low)
+            high = checks.finite_float(f"{kind} range", high)
+            if not low < high:
+                raise ValueError(
+                    f"the {kind} range must have low < high; got "
+                    f"{low:g}, {high:g}."
+                )
+        kinds = [entry[0] for entry in self.ranges]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"ranges names a kind twice: {kinds}.")
         if self.schedule_blocks > 1 and not set(self.tune) & set(
             options.OPTIMIZER_KINDS
         ):
@@ -166,4 +185,5 @@ class Config:
             settings.pop("data_dir")
         settings["hidden"] = list(self.hidden)
         settings["tune"] = list(self.tune)
+        settings["ranges"] = [list(entry) for entry in self.ranges]
         return settings

@@ -246,6 +246,7 @@ def _search(config, splits):
             meta_optimizer=config.meta_optimizer,
             meta_learning_rate=config.meta_learning_rate,
             t1t2_interval=config.t1t2_interval,
+            ranges={kind: (low, high) for kind, low, high in config.ranges},
             seed=config.seed,
             directory=config.output_dir,
             project_name=PROJECT,

@@ -81,6 +81,9 @@ def test_end_to_end_writes_its_files(tmp_path):
         (["--tune=log_l2,momentum"], "tune"),
         (["--method=t1t2", "--tune=log_l2,log_lr"], "log_l2 only"),
         (["--t1t2_interval=0"], "t1t2_interval"),
+        (["--ranges=log_lr:-5"], "kind:low:high"),
+        (["--ranges=log_lr:a:b"], "kind:low:high"),
+        (["--ranges=momentum:-5:0"], "ranges kind"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(tmp_path, args, flag):
@@ -112,6 +115,7 @@ def test_t1t2_and_more_kinds_end_to_end(tmp_path):
         *TINY,
         "--tune=log_l2,log_lr,logit_momentum,log_init_scale",
         "--schedule_blocks=2",
+        "--ranges=log_lr:-2.4:-2.25",
         f"--output_dir={out}",
     )
     assert kinds.returncode == 0, kinds.stderr
@@ -124,6 +128,9 @@ def test_t1t2_and_more_kinds_end_to_end(tmp_path):
             f"{kind}_logits",
         }
         assert (out / f"{kind}.png").exists()
+    for row in results["episodes"]:
+        for value in row["log_lr"].values():
+            assert -2.4 <= value <= -2.25
 
 
 def test_a_run_with_no_finished_episode(tmp_path):
