@@ -40,8 +40,13 @@ def _flat(grads):
     return np.concatenate([np.ravel(g) for g in grads.values()])
 
 
-def compare(config, split, steps):
-    """Cosine and norm ratio of every variant against `exact`."""
+def _cos(a, b):
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def _run_and_exact(config, split, steps):
+    """One run of `config` with its trajectory stored; returns the model,
+    the HSet and the exact hypergradient (a dict by name)."""
     (x, y), (x_h, y_h) = split.eset, split.hset
     model = common.drmad_model(config)
     model.fit(
@@ -53,9 +58,14 @@ def compare(config, split, steps):
         seed=config.seed,
         verbose=0,
     )
-    exact = _flat(
-        model.hypergradient(x_h, y_h, method="exact", verbose=0).grads
-    )
+    exact = model.hypergradient(x_h, y_h, method="exact", verbose=0).grads
+    return model, (x_h, y_h), exact
+
+
+def compare(config, split, steps):
+    """Cosine and norm ratio of every variant against `exact`."""
+    model, (x_h, y_h), exact = _run_and_exact(config, split, steps)
+    exact = _flat(exact)
     rows = []
     variants = itertools.product(
         ("gauss_newton", "hessian"), (steps, max(steps // 10, 1))
@@ -72,9 +82,7 @@ def compare(config, split, steps):
                 verbose=0,
             )
             g = _flat(result.grads)
-            cosine = float(
-                g @ exact / (np.linalg.norm(g) * np.linalg.norm(exact))
-            )
+            cosine = _cos(g, exact)
             ratio = float(np.linalg.norm(g) / np.linalg.norm(exact))
             growth = result.growth
         except drmad_keras.DivergenceError:
@@ -91,24 +99,9 @@ def compare(config, split, steps):
     return {"exact_norm": float(np.linalg.norm(exact)), "variants": rows}
 
 
-def _cos(a, b):
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
 def compare_kinds(config, split, steps):
     """Cosine and norm ratio of `drmad` against `exact`, per kind."""
-    (x, y), (x_h, y_h) = split.eset, split.hset
-    model = common.drmad_model(config)
-    model.fit(
-        x,
-        y,
-        batch_size=config.batch_size,
-        steps=steps,
-        record_trajectory=True,
-        seed=config.seed,
-        verbose=0,
-    )
-    exact = model.hypergradient(x_h, y_h, method="exact", verbose=0).grads
+    model, (x_h, y_h), exact = _run_and_exact(config, split, steps)
     try:
         drmad = model.hypergradient(
             x_h, y_h, method="drmad", max_growth=np.inf, verbose=0

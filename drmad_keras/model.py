@@ -651,11 +651,6 @@ class DrMADModel(keras.Model):
                 theta_0[k] = theta_0[k] * tf.cast(scale, theta_0[k].dtype)
         index = reverse.BatchOrder(len(x), batch_size, steps, seed)
         alpha, gamma = self._schedules()
-        if len(np.shape(alpha)) == 2 and steps < len(alpha):
-            raise ValueError(
-                f"a schedule of {len(alpha)} blocks needs at least as many "
-                f"steps; got steps={steps}."
-            )
         theta_T, losses, trajectory = reverse.meta_forward(
             self.objective(),
             theta_0,
@@ -669,21 +664,22 @@ class DrMADModel(keras.Model):
             jit_compile=self._xla,
             progress=_Progress(steps, "meta-forward", verbose),
         )
-        for var, value in zip(self.trainable_variables, theta_T):
-            var.assign(value)
-        self.last_run = Run(
-            theta_0=theta_0,
-            theta_T=theta_T,
-            log_l2=log_l2,
-            x=x,
-            y=y,
-            batch_size=batch_size,
-            steps=steps,
-            seed=seed,
-            alpha=alpha,
-            gamma=gamma,
-            losses=losses,
-            trajectory=trajectory,
+        self._record(
+            theta_T,
+            Run(
+                theta_0=theta_0,
+                theta_T=theta_T,
+                log_l2=log_l2,
+                x=x,
+                y=y,
+                batch_size=batch_size,
+                steps=steps,
+                seed=seed,
+                alpha=alpha,
+                gamma=gamma,
+                losses=losses,
+                trajectory=trajectory,
+            ),
         )
         chunk = reverse.CHUNK_STEPS
         history.history["loss"] = [
@@ -801,22 +797,23 @@ class DrMADModel(keras.Model):
             jit_compile=self._xla,
             progress=_Progress(steps, "meta-forward (t1t2)", verbose),
         )
-        for var, value in zip(self.trainable_variables, theta_T):
-            var.assign(value)
         self.set_log_l2({name: lam.numpy() for name, lam in zip(names, log_l2)})
-        self.last_run = Run(
-            theta_0=theta_0,
-            theta_T=theta_T,
-            log_l2=log_l2,
-            x=x,
-            y=y,
-            batch_size=batch_size,
-            steps=steps,
-            seed=seed,
-            alpha=alpha,
-            gamma=gamma,
-            losses=losses,
-            online=True,
+        self._record(
+            theta_T,
+            Run(
+                theta_0=theta_0,
+                theta_T=theta_T,
+                log_l2=log_l2,
+                x=x,
+                y=y,
+                batch_size=batch_size,
+                steps=steps,
+                seed=seed,
+                alpha=alpha,
+                gamma=gamma,
+                losses=losses,
+                online=True,
+            ),
         )
         return OnlineRun(
             hset_losses=np.asarray(hset_losses),
@@ -826,6 +823,42 @@ class DrMADModel(keras.Model):
                 for i, name in enumerate(names)
             },
         )
+
+    def _record(self, theta_T, run):
+        """Ends a run: the weights become `theta_T`, `last_run` its record."""
+        for var, value in zip(self.trainable_variables, theta_T):
+            var.assign(value)
+        self.last_run = run
+
+    def check_run_settings(self, steps, reverse_steps=None):
+        """Refuses run lengths the tuned hyperparameters cannot work with.
+
+        Args:
+            steps: int. Elementary steps `T` of a run.
+            reverse_steps: int or None. Reverse steps of its hypergradient.
+
+        Raises:
+            ValueError: For fewer steps than schedule blocks, more reverse
+                steps than steps, or a partial reverse pass while
+                `log_init_scale` is tuned.
+        """
+        if steps < self._schedule_blocks:
+            raise ValueError(
+                f"a schedule of {self._schedule_blocks} blocks needs at least "
+                f"as many elementary steps; got steps={steps}."
+            )
+        if reverse_steps is None:
+            return
+        if reverse_steps > steps:
+            raise ValueError(
+                f"reverse_steps ({reverse_steps}) cannot exceed the {steps} "
+                "elementary steps of the run."
+            )
+        if "log_init_scale" in self._tune and reverse_steps < steps:
+            raise ValueError(
+                "the log_init_scale hypergradient needs the whole reverse "
+                f"pass; got reverse_steps={reverse_steps} of {steps}."
+            )
 
     def _check_run(self, x, y, batch_size, epochs, steps, seed):
         """Checks the arguments of a training run; returns `(x, y,
@@ -844,6 +877,7 @@ class DrMADModel(keras.Model):
                 len(x) // batch_size
             )
         steps = checks.positive_int("steps", steps)
+        self.check_run_settings(steps)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise TypeError(
                 "seed must be an integer: the reverse pass regenerates the "
@@ -974,11 +1008,7 @@ class DrMADModel(keras.Model):
                 f"off); got {max_growth!r}."
             )
         total = reverse_steps or run.steps
-        if "log_init_scale" in self._tune and total < run.steps:
-            raise ValueError(
-                "the log_init_scale hypergradient needs the whole reverse "
-                f"pass; got reverse_steps={reverse_steps} of {run.steps}."
-            )
+        self.check_run_settings(run.steps, total)
         optimizer_terms = bool(set(self._tune) & set(options.OPTIMIZER_KINDS))
         unreliable = [k for k in self._tune if k in _DRMAD_MEDIAN_COSINE]
         if unreliable and method == "drmad":

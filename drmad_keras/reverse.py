@@ -26,7 +26,7 @@ steps (a schedule): `alpha` and `gamma` are then tables of shape
 `t * blocks // T == b`, and the scalar factors above act per variable. Their
 own hypergradients come from two more terms of the reverse step,
 
-    d_alpha[t] += d_theta . v_{t+1}             (before d_v += alpha d_theta)
+    d_alpha[t] += d_theta . v_{t+1}             (before d_theta -= ...)
     d_gamma[t] += d_v . (v_t + g_t)             (after it)
 
 with `g_t` the gradient of `L1` at `theta_t` on `B_t`, recomputed. `exact`
@@ -470,43 +470,45 @@ def _reverse_chunk(
     """
     d_theta, d_v, d_lam, d_alpha, d_gamma, theta_next, growth = state
     steps = tf.shape(index)[0]
+    if points[0] == "line":
+        _, theta_0, theta_T, fractions, velocity = points
     for i in tf.range(steps):
         b = block[i]
         a, g = alpha[b], gamma[b]
-        first = tf.cast(step_numbers[i] > 0, a.dtype)  # v_0 = 0
         if points[0] == "line":
-            _, theta_0, theta_T, fractions, velocity = points
             s = tf.cast(fractions[i], theta_0[0].dtype)
             theta_t = [
                 w0 + s[k] * (wt - w0)
                 for k, (w0, wt) in enumerate(zip(theta_0, theta_T))
             ]
-            v_next = velocity
         else:
             theta_t = [traj[i] for traj in points[1]]
-            v_next = [
-                (wn - w) / a[k]
-                for k, (wn, w) in enumerate(zip(theta_next, theta_t))
-            ]
         xb = tf.gather(x, index[i])
         yb = tf.gather(y, index[i])
 
-        if optimizer_terms:
-            d_alpha = _row_add(
-                d_alpha, b, [_dot(dt, vn) for dt, vn in zip(d_theta, v_next)]
-            )
         d_v = [dv + a[k] * dt for k, (dv, dt) in enumerate(zip(d_v, d_theta))]
         if optimizer_terms:
+            # v_{t+1}: the line's own, or the stored step over alpha; then
+            # v_t from the recurrence (v_0 = 0).
+            first = tf.cast(step_numbers[i] > 0, a.dtype)
             _, grads = on_replicas(objective, gradient, theta_t, log_l2, xb, yb)
             if points[0] == "line":
+                v_next = velocity
                 v_t = [first * vn for vn in v_next]
             else:
+                v_next = [
+                    (wn - w) / a[k]
+                    for k, (wn, w) in enumerate(zip(theta_next, theta_t))
+                ]
                 v_t = [
                     first
                     * (vn + (1.0 - g[k]) * gk)
                     / tf.maximum(g[k], tf.constant(1e-30, g.dtype))
                     for k, (vn, gk) in enumerate(zip(v_next, grads))
                 ]
+            d_alpha = _row_add(
+                d_alpha, b, [_dot(dt, vn) for dt, vn in zip(d_theta, v_next)]
+            )
             d_gamma = _row_add(
                 d_gamma,
                 b,
@@ -538,6 +540,55 @@ def _compiled(fn, jit_compile):
 
 def _chunks(num_steps, chunk):
     return [(s, min(s + chunk, num_steps)) for s in range(0, num_steps, chunk)]
+
+
+def _forward_stretch(
+    run,
+    objective,
+    state,
+    log_l2,
+    x,
+    y,
+    index,
+    blocks,
+    start,
+    stop,
+    alpha,
+    gamma,
+    record,
+    advice,
+):
+    """Steps `start..stop-1` through the compiled `_forward_chunk`; returns
+    `(theta, v, losses as NumPy, trajectory)`.
+
+    Raises:
+        DivergenceError: If a training loss is not finite; `advice` says
+            what to lower.
+    """
+    theta, v = state
+    theta, v, losses, traj = run(
+        objective,
+        theta,
+        v,
+        log_l2,
+        x,
+        y,
+        tf.constant(index[start:stop]),
+        tf.constant(blocks[start:stop]),
+        alpha,
+        gamma,
+        record,
+    )
+    losses = losses.numpy()
+    if not np.all(np.isfinite(losses)):
+        bad = start + int(np.argmin(np.isfinite(losses)))
+        raise DivergenceError(
+            f"training loss became non-finite at elementary step {bad} "
+            f"of {len(index)}; lower {advice}.",
+            phase="meta-forward",
+            step=bad,
+        )
+    return theta, v, losses, traj
 
 
 def meta_forward(
@@ -593,33 +644,26 @@ def meta_forward(
     v = [tf.zeros_like(w) for w in theta]
     losses, pieces = [], []
     for start, stop in _chunks(len(index), CHUNK_STEPS):
-        theta, v, chunk_losses, traj = run(
+        theta, v, chunk_losses, traj = _forward_stretch(
+            run,
             objective,
-            theta,
-            v,
+            (theta, v),
             log_l2,
             x,
             y,
-            tf.constant(index[start:stop]),
-            tf.constant(blocks[start:stop]),
+            index,
+            blocks,
+            start,
+            stop,
             alpha,
             gamma,
             record_trajectory,
+            "the step size (alpha, or the tuned log_lr), the L2 strength "
+            "or the tuned initial scale",
         )
-        chunk_losses = chunk_losses.numpy()
         losses.append(chunk_losses)
         if record_trajectory:
             pieces.append(traj)
-        if not np.all(np.isfinite(chunk_losses)):
-            bad = start + int(np.argmin(np.isfinite(chunk_losses)))
-            raise DivergenceError(
-                f"training loss became non-finite at elementary step {bad} "
-                f"of {len(index)}; lower the step size (alpha, or the "
-                "tuned log_lr), the L2 strength or the tuned initial "
-                "scale.",
-                phase="meta-forward",
-                step=bad,
-            )
         if progress is not None:
             progress(stop)
     trajectory = None
@@ -740,7 +784,7 @@ def meta_backward(
     gamma = schedule_table(gamma, len(theta_0), "gamma")
     velocity = (
         line_velocity(theta_0, theta_T, num_steps, alpha)
-        if method == "drmad"
+        if method == "drmad" and optimizer_terms
         else None
     )
     alpha_t, gamma_t = tf.constant(alpha, dtype), tf.constant(gamma, dtype)
@@ -912,32 +956,27 @@ def t1t2_run(
     theta = list(theta_0)
     v = [tf.zeros_like(w) for w in theta]
     log_l2 = list(log_l2)
+    blocks = np.zeros(len(index), np.int32)  # one block: no schedule
     losses, hset_losses, grads = [], [], []
     for j, (start, stop) in enumerate(_chunks(len(index), interval)):
-        theta, v, chunk_losses, _ = forward(
+        theta, v, chunk_losses, _ = _forward_stretch(
+            forward,
             objective,
-            theta,
-            v,
+            (theta, v),
             log_l2,
             x,
             y,
-            tf.constant(index[start:stop]),
-            tf.zeros(stop - start, tf.int32),
+            index,
+            blocks,
+            start,
+            stop,
             table,
             momentum,
             False,
+            "the learning rate (alpha), the L2 strength or the meta "
+            "learning rate",
         )
-        chunk_losses = chunk_losses.numpy()
         losses.append(chunk_losses)
-        if not np.all(np.isfinite(chunk_losses)):
-            bad = start + int(np.argmin(np.isfinite(chunk_losses)))
-            raise DivergenceError(
-                f"training loss became non-finite at elementary step {bad} "
-                f"of {len(index)}; lower the learning rate (alpha), the "
-                "L2 strength or the meta learning rate.",
-                phase="meta-forward",
-                step=bad,
-            )
 
         # One meta step from the one-step hypergradient on an HSet batch.
         rows = hyper_index[j]

@@ -521,11 +521,6 @@ class DrMADTuner(keras_tuner.Tuner):
             steps = checks.positive_int("steps", args["steps"])
         else:
             steps = epochs * (len(args["x"]) // batch_size)
-        if self.reverse_steps is not None and self.reverse_steps > steps:
-            raise ValueError(
-                f"reverse_steps ({self.reverse_steps}) cannot exceed the "
-                f"{steps} elementary steps of an episode."
-            )
         if self.method == "t1t2" and batch_size > len(args["hyper_data"][0]):
             raise ValueError(
                 f"batch_size {batch_size} is larger than the "
@@ -541,18 +536,9 @@ class DrMADTuner(keras_tuner.Tuner):
                 f"tune {model.tuned_kinds}. Use method='drmad' or 'exact' "
                 "for the other kinds."
             )
-        if model.schedule_blocks > steps:
-            raise ValueError(
-                f"the model's schedule of {model.schedule_blocks} blocks "
-                f"needs at least as many elementary steps; got {steps}."
-            )
-        if "log_init_scale" in model.tuned_kinds and (
-            self.reverse_steps is not None and self.reverse_steps < steps
-        ):
-            raise ValueError(
-                "the log_init_scale hypergradient needs the whole reverse "
-                f"pass; got reverse_steps={self.reverse_steps} of {steps}."
-            )
+        model.check_run_settings(
+            steps, None if self.method == "t1t2" else self.reverse_steps
+        )
         for name, (x, y) in (
             ("ESet (x, y)", (args["x"], args["y"])),
             ("hyper_data", args["hyper_data"]),

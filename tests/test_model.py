@@ -25,6 +25,19 @@ def _hset_loss_after_fit(model, data, theta_0, values, steps, seed):
     return model.evaluate_split(data["x_h"], data["y_h"])[0]
 
 
+def _central_difference(model, data, theta_0, start, name, c, eps, steps, seed):
+    """`d HSet loss / d start[name][c]` by retraining at `+- eps` from the
+    same `theta_0` and batch order."""
+    plus = {k: np.array(v) for k, v in start.items()}
+    minus = {k: np.array(v) for k, v in start.items()}
+    plus[name][c] += eps
+    minus[name][c] -= eps
+    return (
+        _hset_loss_after_fit(model, data, theta_0, plus, steps, seed)
+        - _hset_loss_after_fit(model, data, theta_0, minus, steps, seed)
+    ) / (2 * eps)
+
+
 @pytest.mark.parametrize("granularity", ["layer", "unit"])
 def test_exact_matches_finite_differences(small_mnist, float64, granularity):
     model = mlp(98, [6], granularity=granularity, init_log_l2=-2.0)
@@ -55,19 +68,9 @@ def test_exact_matches_finite_differences(small_mnist, float64, granularity):
             else [(int(i),) for i in rng.choice(value.size, 4, replace=False)]
         )
         for c in coords:
-            plus, minus = dict(start), dict(start)
-            plus[name] = value.copy()
-            plus[name][c] += eps
-            minus[name] = value.copy()
-            minus[name][c] -= eps
-            fd = (
-                _hset_loss_after_fit(
-                    model, small_mnist, theta_0, plus, steps, seed
-                )
-                - _hset_loss_after_fit(
-                    model, small_mnist, theta_0, minus, steps, seed
-                )
-            ) / (2 * eps)
+            fd = _central_difference(
+                model, small_mnist, theta_0, start, name, c, eps, steps, seed
+            )
             got = result.grads[name][c]
             assert abs(got - fd) <= 0.02 * abs(fd) + 1e-9, (name, c, got, fd)
 
@@ -106,18 +109,9 @@ def test_exact_optimizer_and_scale_hypergradients_match_finite_differences(
     eps = 1e-5
     for name, value in start.items():
         for c in [()] if value.ndim == 0 else [(0,), (1,)]:
-            plus = {k: np.array(v) for k, v in start.items()}
-            minus = {k: np.array(v) for k, v in start.items()}
-            plus[name][c] += eps
-            minus[name][c] -= eps
-            fd = (
-                _hset_loss_after_fit(
-                    model, small_mnist, theta_0, plus, steps, seed
-                )
-                - _hset_loss_after_fit(
-                    model, small_mnist, theta_0, minus, steps, seed
-                )
-            ) / (2 * eps)
+            fd = _central_difference(
+                model, small_mnist, theta_0, start, name, c, eps, steps, seed
+            )
             got = result.grads[name][c]
             assert abs(fd) > 1e-4, (name, c, fd)
             assert abs(got - fd) <= 1e-4 * abs(fd), (name, c, got, fd)
